@@ -1,0 +1,173 @@
+"""The search algorithms, all behind one small interface so one loop runs them all.
+
+Every algorithm either has a fixed point for a trial index (the shared Sobol
+initial design, the Sobol baseline, the model-level grids) or proposes from
+the history. Fixed points are a pure function of (seed, trial index), so a
+resumed search reproduces exactly the points it had not finished.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+
+from mergepipe.search.acquisition import (build_acquisition, optimise_batch, optimise_pool,
+                                          score_each)
+from mergepipe.search.objectives import pareto_mask
+from mergepipe.search.rerank import DUPLICATE_TOL, rerank, rms_distance
+from mergepipe.search.space import LayerSpace, model_level_spec
+from mergepipe.search.surrogate import fit_surrogate
+
+ALGORITHMS = ("apbmm", "sync-qnehvi", "sobol", "grid-ta", "grid-ties")
+TIES_DENSITY = 0.5
+ANCHOR_POINTS = ((0.0, 1.0), (1.0, 0.0))  # base and reasoning, by construction
+
+
+@dataclass
+class History:
+    """What the optimiser may condition on: finished points and those in flight."""
+
+    X: torch.Tensor                  # (n, d) finished decision vectors
+    Y: torch.Tensor                  # (n, 2) their objectives (failures at the reference point)
+    pending: torch.Tensor            # (m, d) candidates being evaluated now
+
+    @classmethod
+    def empty(cls, dim: int) -> "History":
+        z = torch.zeros(0, dim, dtype=torch.double)
+        return cls(z, torch.zeros(0, 2, dtype=torch.double), z.clone())
+
+
+def sobol_design(dim: int, n: int, seed: int) -> torch.Tensor:
+    """The scrambled Sobol points every algorithm with this seed starts from."""
+    engine = torch.quasirandom.SobolEngine(dim, scramble=True, seed=seed)
+    return engine.draw(n).to(torch.double)
+
+
+@dataclass
+class Algorithm:
+    """Base: a layer-wise space whose points all come from the Sobol sequence."""
+
+    space: LayerSpace
+    n_init: int
+    n_total: int
+    seed: int
+    synchronous: bool = False
+    lengthscales: Sequence[float] | None = None
+    name: str = "sobol"
+    _design: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def dim(self) -> int:
+        return self.space.dim
+
+    def design(self) -> torch.Tensor:
+        if self._design is None:
+            self._design = sobol_design(self.dim, max(self.n_total, self.n_init) + 64, self.seed)
+        return self._design
+
+    def fixed_point(self, trial: int) -> list[float] | None:
+        """The predetermined point of trial ``trial``, or None when it must be proposed."""
+        return self.design()[trial].tolist() if trial < self.n_init else None
+
+    def propose(self, history: History, n: int) -> list[list[float]]:
+        raise NotImplementedError
+
+    def spec(self, x: Sequence[float], base: str, reasoning: str) -> dict[str, Any]:
+        return self.space.to_spec(x, base, reasoning)
+
+    def fill(self, chosen: list[list[float]], history: History, n: int) -> list[list[float]]:
+        """Top up with Sobol points away from everything pending (rarely needed)."""
+        taken = torch.cat([history.pending, torch.tensor(chosen, dtype=torch.double)
+                           .reshape(-1, self.dim)]) if chosen else history.pending
+        extra = sobol_design(self.dim, 256, self.seed + 7919 + history.X.shape[0])
+        for x in extra:
+            if len(chosen) >= n:
+                break
+            if taken.shape[0] == 0 or float(rms_distance(x[None], taken).min()) >= DUPLICATE_TOL:
+                chosen.append(x.tolist())
+                taken = torch.cat([taken, x[None]])
+        return chosen
+
+
+class SobolSearch(Algorithm):
+    """Quasi-random baseline: the shared design continued to the whole budget."""
+
+    def fixed_point(self, trial: int) -> list[float] | None:
+        return self.design()[trial].tolist()
+
+
+class GridSearch(Algorithm):
+    """Model-level baseline: one global weight on an even grid over [0, 1]."""
+
+    method: str = "task_arithmetic"
+
+    @property
+    def dim(self) -> int:
+        return 1
+
+    def fixed_point(self, trial: int) -> list[float] | None:
+        steps = max(self.n_total - 1, 1)
+        return [min(trial, steps) / steps]
+
+    def spec(self, x: Sequence[float], base: str, reasoning: str) -> dict[str, Any]:
+        density = TIES_DENSITY if self.method == "ties" else None
+        return model_level_spec(self.method, float(x[0]), base, reasoning, density=density)
+
+
+class TiesGrid(GridSearch):
+    method = "ties"
+
+
+def _torch_seed(seed: int, n_obs: int) -> int:
+    return (seed * 100_003 + n_obs) % (2 ** 31)
+
+
+class SyncQNEHVI(Algorithm):
+    """Synchronous batch qLogNEHVI: the whole batch is chosen together and awaited."""
+
+    def propose(self, history: History, n: int) -> list[list[float]]:
+        torch.manual_seed(_torch_seed(self.seed, history.X.shape[0]))
+        model = fit_surrogate(history.X, history.Y, None)
+        acq = build_acquisition(model, history.X, history.pending, seed=self.seed)
+        X = optimise_batch(acq, self.dim, n)
+        return self.fill([x.tolist() for x in X][:n], history, n) if X.shape[0] < n else \
+            [x.tolist() for x in X]
+
+
+class APBMM(Algorithm):
+    """Asynchronous prior-guided BO: pending-aware acquisition plus the gap-aware rerank."""
+
+    pool_factor: int = 3
+
+    def propose(self, history: History, n: int) -> list[list[float]]:
+        torch.manual_seed(_torch_seed(self.seed, history.X.shape[0]))
+        model = fit_surrogate(history.X, history.Y, self.lengthscales)
+        acq = build_acquisition(model, history.X, history.pending, seed=self.seed)
+        pool = optimise_pool(acq, self.dim, self.pool_factor * n)
+        scores = score_each(acq, pool)
+        with torch.no_grad():
+            means = model.posterior(pool).mean.reshape(-1, 2)
+        observed = history.Y[pareto_mask(history.Y)] if history.Y.shape[0] else history.Y
+        front = torch.cat([observed, torch.tensor(ANCHOR_POINTS, dtype=torch.double)])
+        front = front[pareto_mask(front)]
+        picks = rerank(pool, scores, means, front, history.pending, n)
+        return self.fill([pool[i].tolist() for i in picks], history, n)
+
+
+_FACTORIES: dict[str, Callable[..., Algorithm]] = {
+    "apbmm": lambda **kw: APBMM(name="apbmm", **kw),
+    "sync-qnehvi": lambda **kw: SyncQNEHVI(name="sync-qnehvi", synchronous=True,
+                                           **{**kw, "lengthscales": None}),
+    "sobol": lambda **kw: SobolSearch(name="sobol", **kw),
+    "grid-ta": lambda **kw: GridSearch(name="grid-ta", **kw),
+    "grid-ties": lambda **kw: TiesGrid(name="grid-ties", **kw),
+}
+
+
+def make_algorithm(name: str, space: LayerSpace, n_init: int, n_total: int, seed: int,
+                   lengthscales: Sequence[float] | None = None) -> Algorithm:
+    if name not in _FACTORIES:
+        raise ValueError(f"unknown algorithm {name!r}; choose one of {', '.join(ALGORITHMS)}")
+    return _FACTORIES[name](space=space, n_init=n_init, n_total=n_total, seed=seed,
+                            lengthscales=lengthscales)
