@@ -1,0 +1,110 @@
+"""The library façade: the same calls the CLI and search loops use.
+
+    from mergepipe import api
+    with api.open_catalog("./ws") as cat:
+        plan = api.build_plan(cat, "ties.yml")
+        result = api.apply_plan(cat, plan, "./merged")
+
+Planning is in :mod:`mergepipe.planner`, execution in :mod:`mergepipe.engine`,
+records in :mod:`mergepipe.catalog`.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import sqlalchemy as sa
+
+from mergepipe.catalog.register import register_model
+from mergepipe.catalog.store import Catalog, open_catalog
+from mergepipe.engine.execute import DEFAULT_BLOCK_BYTES, ExecReport, execute_plan
+from mergepipe.engine.recovery import RecoverReport, VerifyResult, recover, verify_dir
+from mergepipe.engine.transaction import (ApplyResult, RunTicket, abort_run, begin_run,
+                                          commit_run, committed_result)
+from mergepipe.errors import MergePipeError
+from mergepipe.planner.build import build_exact_plan, load_plan, resolve_model, store_plan
+from mergepipe.planner.plan import Plan
+
+__all__ = ["open_catalog", "register", "resolve_model", "build_plan", "store_plan", "load_plan",
+           "apply_plan", "begin_run", "execute_plan", "finish_run", "abort_run", "run_sql",
+           "verify", "recover", "Plan", "ApplyResult", "RunTicket", "ExecReport",
+           "VerifyResult", "RecoverReport"]
+
+
+def register(cat: Catalog, path: str | Path, name: str | None = None,
+             progress: bool = False) -> dict[str, Any]:
+    """Index a model directory (idempotent)."""
+    return register_model(cat, path, name=name, progress=progress)
+
+
+def build_plan(cat: Catalog, spec: str | Path | dict[str, Any], io_budget: str | int | None = None,
+               seed: int | None = None, analyze: bool = True, progress: bool = False,
+               store: bool = True) -> Plan:
+    """Plan a merge (exact, or under an expert I/O budget) and store it."""
+    plan = build_exact_plan(cat, spec, seed=seed)
+    if io_budget is not None:
+        from mergepipe.planner.budget import apply_budget
+        plan = apply_budget(cat, plan, io_budget, analyze=analyze, progress=progress)
+    if store:
+        plan.stored_now = store_plan(cat, plan)  # type: ignore[attr-defined]
+    return plan
+
+
+def finish_run(cat: Catalog, plan: Plan, ticket: RunTicket, report: ExecReport,
+               name: str | None = None) -> ApplyResult:
+    """Commit a run whose engine work is done (possibly in another process)."""
+    return commit_run(cat, plan, ticket, report, name)
+
+
+def apply_plan(cat: Catalog, plan: Plan, out: str | Path, name: str | None = None,
+               overwrite: bool = False, device: str = "cpu", allow_nonfinite: bool = False,
+               block_bytes: int = DEFAULT_BLOCK_BYTES, progress: bool = False) -> ApplyResult:
+    """Execute a plan transactionally; an already-committed plan returns its commit."""
+    existing = committed_result(cat, plan)
+    if existing is not None:
+        return existing
+    inserted = getattr(plan, "stored_now", False)
+    ticket = begin_run(cat, plan, out, overwrite=overwrite, plan_inserted=inserted, device=device)
+    try:
+        report = execute_plan(plan, ticket.staging, device=device, block_bytes=block_bytes,
+                              allow_nonfinite=allow_nonfinite, progress=progress)
+        return commit_run(cat, plan, ticket, report, name)
+    except BaseException:
+        abort_run(cat, ticket)
+        raise
+
+
+def verify(path: str | Path) -> VerifyResult:
+    return verify_dir(path)
+
+
+_READ_ONLY_TYPES = {"SELECT", "EXPLAIN", "PRAGMA"}
+
+
+def run_sql(cat: Catalog, query: str) -> list[dict[str, Any]]:
+    """Run read-only SQL over the catalog; anything that writes is refused."""
+    if cat.is_duckdb:
+        try:
+            stmts = duckdb.extract_statements(query)
+        except duckdb.Error as exc:
+            raise MergePipeError(f"SQL error: {str(exc).splitlines()[0]}")
+        if not stmts:
+            raise MergePipeError("no SQL statement given")
+        for st in stmts:
+            kind = st.type.name
+            if kind not in _READ_ONLY_TYPES:
+                raise MergePipeError(f"`mergepipe sql` is read-only: {kind} statements are refused")
+        if len(stmts) > 1:
+            raise MergePipeError("`mergepipe sql` runs one statement at a time")
+    try:
+        with cat.conn.begin() as tx:
+            if not cat.is_duckdb:
+                cat.conn.execute(sa.text("SET TRANSACTION READ ONLY"))
+            res = cat.conn.exec_driver_sql(query)
+            rows = [dict(r._mapping) for r in res] if res.returns_rows else []
+            tx.rollback()
+            return rows
+    except sa.exc.DBAPIError as exc:
+        msg = str(exc.orig).splitlines()[0] if exc.orig else str(exc)
+        raise MergePipeError(f"SQL error: {msg}")

@@ -1,0 +1,193 @@
+"""The catalog: one handle over the SQL database that records everything.
+
+The default is an embedded DuckDB file in the workspace; any SQLAlchemy URL
+(PostgreSQL for a team) works through the same Core statements. DuckDB allows a
+single read-write process per file, so opening a held catalog raises
+:class:`CatalogLockedError` naming the holder instead of a driver traceback.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import re
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from mergepipe.catalog import schema
+from mergepipe.errors import CatalogLockedError, MergePipeError
+
+DEFAULT_HOME = Path(os.environ.get("MERGEPIPE_HOME", "~/.mergepipe")).expanduser()
+
+
+def now() -> dt.datetime:
+    """UTC timestamp without tzinfo (portable across DuckDB and PostgreSQL)."""
+    return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+def catalog_url(home: str | Path | None = None, url: str | None = None) -> str:
+    """Resolve the catalog URL: an explicit URL wins, else DIR/catalog.duckdb."""
+    if url:
+        return url
+    home_dir = Path(home).expanduser() if home else Path(
+        os.environ.get("MERGEPIPE_HOME", str(DEFAULT_HOME))).expanduser()
+    home_dir.mkdir(parents=True, exist_ok=True)
+    return f"duckdb:///{home_dir.resolve() / 'catalog.duckdb'}"
+
+
+_LOCK_PID = re.compile(r"PID (\d+)")
+
+
+class Catalog:
+    """An open catalog. Use as a context manager; it holds one connection."""
+
+    def __init__(self, url: str, read_only: bool = False):
+        self.url = url
+        self.read_only = read_only
+        self.is_duckdb = url.startswith("duckdb:")
+        connect_args: dict[str, Any] = {}
+        if self.is_duckdb and read_only:
+            connect_args["read_only"] = True
+        try:
+            self.engine: Engine = sa.create_engine(url, connect_args=connect_args,
+                                                   poolclass=sa.pool.StaticPool)
+            self.conn: Connection = self.engine.connect()
+        except Exception as exc:  # driver errors vary; translate the lock case
+            raise _translate_open_error(url, exc) from None
+        if not read_only:
+            self._ensure_schema()
+
+    # -- lifecycle -------------------------------------------------------
+    def _ensure_schema(self) -> None:
+        with self.conn.begin():
+            schema.metadata.create_all(self.conn)
+            for view, body in schema.VIEWS.items():
+                self.conn.exec_driver_sql(f"CREATE OR REPLACE VIEW {view} AS {body}")
+            row = self.conn.execute(sa.select(schema.meta.c.value).where(
+                schema.meta.c.key == "schema_version")).first()
+            if row is None:
+                self.conn.execute(schema.meta.insert().values(
+                    key="schema_version", value=str(schema.SCHEMA_VERSION)))
+            elif int(row[0]) > schema.SCHEMA_VERSION:
+                raise MergePipeError(
+                    f"catalog schema version {row[0]} is newer than this mergepipe "
+                    f"({schema.SCHEMA_VERSION}); upgrade mergepipe")
+
+    def close(self) -> None:
+        self.conn.close()
+        self.engine.dispose()
+
+    def __enter__(self) -> "Catalog":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[Connection]:
+        """All-or-nothing block: a failure inside leaves the catalog unchanged."""
+        if self.conn.in_transaction():
+            with self.conn.begin_nested() if not self.is_duckdb else _noop():
+                yield self.conn
+        else:
+            with self.conn.begin():
+                yield self.conn
+
+    # -- generic helpers ----------------------------------------------------
+    def execute(self, stmt: Any, params: Any = None) -> None:
+        """Run a write statement in its own transaction (or the open one)."""
+        with self.transaction() as c:
+            c.execute(stmt, params) if params is not None else c.execute(stmt)
+
+    def rows(self, stmt: Any, params: Any = None) -> list[dict[str, Any]]:
+        """Run a query and return plain dicts (fetched before the transaction ends)."""
+        with self.transaction() as c:
+            res = c.execute(stmt, params) if params is not None else c.execute(stmt)
+            return [dict(r._mapping) for r in res]
+
+    # -- models ---------------------------------------------------------
+    def model_by_name(self, name: str) -> dict[str, Any] | None:
+        t = schema.models
+        r = self.rows(sa.select(t).where(t.c.name == name))
+        return r[0] if r else None
+
+    def model_by_id(self, model_id: str) -> dict[str, Any] | None:
+        t = schema.models
+        r = self.rows(sa.select(t).where(t.c.model_id == model_id))
+        return r[0] if r else None
+
+    def model_by_path(self, path: str | Path) -> dict[str, Any] | None:
+        t = schema.models
+        r = self.rows(sa.select(t).where(t.c.path == str(Path(path).resolve())))
+        return r[0] if r else None
+
+    def require_model(self, name_or_id: str) -> dict[str, Any]:
+        m = self.model_by_name(name_or_id) or self.model_by_id(name_or_id)
+        if m is None:
+            raise MergePipeError(f"no model named {name_or_id!r} in the catalog "
+                                 f"(register it with `mergepipe register PATH`)")
+        return m
+
+    def model_tensors(self, model_id: str) -> list[dict[str, Any]]:
+        t = schema.tensors
+        return self.rows(sa.select(t).where(t.c.model_id == model_id))
+
+    # -- evaluations ------------------------------------------------------
+    def record_evaluation(self, model_id: str, task: str, metrics: dict[str, float], n: int,
+                          backend: str, split: str | None = None,
+                          wall_s: float | None = None) -> None:
+        """Store one row per metric so SQL users can pivot freely."""
+        created = now()
+        with self.transaction() as c:
+            for metric, value in metrics.items():
+                c.execute(schema.evaluations.insert().values(
+                    eval_id=new_id(), model_id=model_id, task=task, split=split,
+                    metric=metric, value=float(value), n=int(n), backend=backend,
+                    wall_s=wall_s, created_at=created))
+
+    def latest_evaluation(self, model_id: str, task: str) -> dict[str, float] | None:
+        t = schema.evaluations
+        rows = self.rows(sa.select(t).where(t.c.model_id == model_id, t.c.task == task)
+                         .order_by(t.c.created_at))
+        if not rows:
+            return None
+        out: dict[str, float] = {}
+        for r in rows:  # later rows win
+            out[r["metric"]] = r["value"]
+            out["n"] = r["n"]
+        return out
+
+
+@contextmanager
+def _noop() -> Iterator[None]:
+    yield
+
+
+def _translate_open_error(url: str, exc: Exception) -> MergePipeError:
+    msg = str(exc)
+    if "lock" in msg.lower():
+        m = _LOCK_PID.search(msg)
+        holder = f"pid {m.group(1)}" if m else "another process"
+        return CatalogLockedError(f"catalog is in use by {holder} ({url}); wait for it "
+                                  f"to finish or point --home/--catalog elsewhere")
+    return MergePipeError(f"cannot open catalog {url}: {msg.splitlines()[0] if msg else exc}")
+
+
+def open_catalog(home: str | Path | None = None, url: str | None = None,
+                 read_only: bool = False) -> Catalog:
+    """Open (creating if needed) the workspace catalog."""
+    return Catalog(catalog_url(home, url), read_only=read_only)
+
+
+def dumps(obj: Any) -> str:
+    """Canonical JSON used for hashing and storage."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)

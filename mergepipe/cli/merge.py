@@ -1,0 +1,271 @@
+"""Core commands: register, models, plan, explain, apply, lineage, sql, verify, recover."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+import sqlalchemy as sa
+
+from mergepipe import api
+from mergepipe.catalog import schema
+from mergepipe.cli import cli
+from mergepipe.cli.common import echo_json, format_rows, human_bytes, stderr_progress, table
+from mergepipe.errors import MergePipeError
+from mergepipe.planner.explain import explain_rows, summary
+
+
+@cli.command()
+@click.pass_obj
+def init(ws) -> None:
+    """Create the workspace catalog (other commands do this on first use)."""
+    with ws.open() as cat:
+        click.echo(f"catalog ready: {cat.url}")
+
+
+@cli.command()
+@click.argument("path", type=click.Path(exists=True, file_okay=False))
+@click.option("--name", help="Catalog name (default: the directory name).")
+@click.option("--json", "as_json", is_flag=True, help="Print the model row as JSON.")
+@click.pass_obj
+def register(ws, path: str, name: str | None, as_json: bool) -> None:
+    """Index a Hugging Face safetensors model directory (weights are not copied).
+
+    Reads every shard header, records each tensor's layer, module, shard, byte
+    range, dtype and shape, and hashes tensor contents. Re-registering an
+    unchanged directory does nothing; a changed one is re-indexed.
+    """
+    with ws.open() as cat:
+        row = api.register(cat, path, name=name, progress=stderr_progress())
+    if as_json:
+        echo_json({k: v for k, v in row.items() if k != "config_json"})
+    else:
+        click.echo(f"registered {row['name']}: {row['num_params']:,} params, "
+                   f"{human_bytes(row['total_bytes'])}, {row['num_layers']} layers ({row['path']})")
+
+
+@cli.command()
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table")
+@click.pass_obj
+def models(ws, fmt: str) -> None:
+    """List registered and merged models."""
+    t = schema.models
+    with ws.open() as cat:
+        rows = cat.rows(sa.select(t.c.name, t.c.kind, t.c.architecture, t.c.num_layers,
+                                  t.c.num_params, t.c.total_bytes, t.c.path, t.c.created_at)
+                        .order_by(t.c.created_at))
+    if fmt == "table":
+        for r in rows:
+            r["total_bytes"] = human_bytes(r["total_bytes"])
+    click.echo(format_rows(rows, fmt))
+
+
+budget_option = click.option(
+    "--io-budget", metavar="SIZE|PCT",
+    help="Cap on bytes read from expert files: an absolute size (2GiB) or a share of "
+         "the full expert reads (10%). Blocks are chosen by delta energy per byte.")
+seed_option = click.option("--seed", type=int, help="Seed for stochastic methods "
+                           "(overrides the spec's `seed`).")
+
+
+def _print_summary(plan) -> None:
+    s = summary(plan)
+    click.echo(f"plan {plan.plan_id}")
+    srcs = ", ".join(f"{x['name']}:{x['role']}" for x in s["sources"])
+    click.echo(f"  method     {s['method']}  ({srcs})")
+    click.echo(f"  tensors    {s['tensors']} in {len(s['shards'])} shard(s)")
+    e = s["est_bytes"]
+    click.echo(f"  reads      base {human_bytes(e['base'])}, experts {human_bytes(e['experts'])} "
+               f"of {human_bytes(s['full_expert_bytes'])}")
+    click.echo(f"  writes     {human_bytes(e['out'])}")
+    if s["io_budget"] is not None:
+        click.echo(f"  budget     {human_bytes(s['io_budget'])}; error bound "
+                   f"{s['error_bound']:.4g} ({s['error_bound_kind']})")
+
+
+@cli.command()
+@click.argument("spec", type=click.Path(dir_okay=False))
+@budget_option
+@seed_option
+@click.option("--no-analyze", is_flag=True, help="Fail instead of computing missing block statistics.")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan summary as JSON.")
+@click.pass_obj
+def plan(ws, spec: str, io_budget: str | None, seed: int | None, no_analyze: bool,
+         as_json: bool) -> None:
+    """Plan a merge from a YAML spec (mergekit configs accepted) and store it.
+
+    Prints the plan id and what it will read and write. Nothing is merged.
+    """
+    with ws.open() as cat:
+        p = api.build_plan(cat, spec, io_budget=io_budget, seed=seed, analyze=not no_analyze,
+                           progress=stderr_progress())
+    if as_json:
+        echo_json(summary(p))
+    else:
+        _print_summary(p)
+
+
+@cli.command()
+@click.argument("plan_or_run")
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table")
+@click.pass_obj
+def explain(ws, plan_or_run: str, fmt: str) -> None:
+    """Show a plan's reads per layer and model (PLAN_ID, or RUN_ID to compare with the run)."""
+    with ws.open() as cat:
+        runs = cat.rows(sa.select(schema.runs).where(schema.runs.c.run_id.like(f"{plan_or_run}%")))
+        run = runs[0] if len(runs) == 1 else None
+        p = api.load_plan(cat, run["plan_id"] if run else plan_or_run)
+        extra = _explain_extra(cat, p, run)
+    rows = explain_rows(p)
+    if fmt != "table":
+        click.echo(format_rows(rows, fmt))
+        return
+    _print_summary(p)
+    for r in rows:
+        r["read"], r["skipped"] = human_bytes(r["read"]), human_bytes(r["skipped"])
+    table(rows)
+    for line in extra:
+        click.echo(line)
+
+
+def _explain_extra(cat, p, run) -> list[str]:
+    """Hook for richer explanations (budget shares, estimates vs realised)."""
+    try:
+        from mergepipe.planner.budget import explain_extra
+    except ImportError:
+        explain_extra = None
+    lines = []
+    if run:
+        est = p.est_bytes()
+        lines.append(f"run {run['run_id']} {run['status']}: read base {human_bytes(run['bytes_read_base'])}"
+                     f" (est {human_bytes(est['base'])}), experts {human_bytes(run['bytes_read_experts'])}"
+                     f" (est {human_bytes(est['experts'])}), wrote {human_bytes(run['bytes_written'])}"
+                     f", {run['wall_s'] or 0:.2f} s, peak RSS {human_bytes(run['peak_rss'])}")
+    if explain_extra is not None:
+        lines += explain_extra(cat, p, run)
+    return lines
+
+
+@cli.command()
+@click.argument("spec", required=False, type=click.Path(dir_okay=False))
+@click.option("--plan", "plan_id", help="Apply a stored plan instead of a spec.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output model directory.")
+@click.option("--name", help="Catalog name of the merged model (default: the output directory name).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output directory (still atomic).")
+@budget_option
+@seed_option
+@click.option("--no-analyze", is_flag=True, help="Fail instead of computing missing block statistics.")
+@click.option("--device", default="cpu", show_default=True, help="Compute device (cpu, cuda, cuda:1).")
+@click.option("--allow-nonfinite", is_flag=True, help="Merge even if an input holds NaN/Inf.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object describing the run.")
+@click.pass_obj
+def apply(ws, spec: str | None, plan_id: str | None, out: str, name: str | None, overwrite: bool,
+          io_budget: str | None, seed: int | None, no_analyze: bool, device: str,
+          allow_nonfinite: bool, as_json: bool) -> None:
+    """Plan (or load) a merge and execute it transactionally into --out.
+
+    Output is written to a staging directory beside --out, fsynced, described
+    by a manifest, and renamed into place; the catalog records the run, the new
+    model and its lineage. Applying a plan that is already committed returns
+    that commit.
+    """
+    if bool(spec) == bool(plan_id):
+        raise MergePipeError("give either a SPEC file or --plan PLAN_ID")
+    if plan_id and (io_budget or seed is not None):
+        raise MergePipeError("--io-budget/--seed apply when planning; plan again with them")
+    with ws.open() as cat:
+        if plan_id:
+            p = api.load_plan(cat, plan_id)
+        else:
+            p = api.build_plan(cat, spec, io_budget=io_budget, seed=seed, analyze=not no_analyze,
+                               progress=stderr_progress())
+        result = api.apply_plan(cat, p, out, name=name, overwrite=overwrite, device=device,
+                                allow_nonfinite=allow_nonfinite, progress=stderr_progress())
+    if as_json:
+        echo_json(result.to_json())
+        return
+    if result.reused:
+        click.echo(f"plan {result.plan_id[:12]} is already committed as {result.model} "
+                   f"at {result.out}")
+        return
+    click.echo(f"committed {result.model} at {result.out}")
+    click.echo(f"  plan {result.plan_id[:12]}  run {result.run_id[:12]}  {result.wall_s:.2f} s")
+    click.echo(f"  read base {human_bytes(result.bytes_read['base'])}, experts "
+               f"{human_bytes(result.bytes_read['experts'])}; wrote {human_bytes(result.bytes_written)}")
+
+
+@cli.command()
+@click.argument("name")
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table")
+@click.pass_obj
+def lineage(ws, name: str, fmt: str) -> None:
+    """Show the full ancestry of a model (recursive over lineage edges)."""
+    query = """
+        WITH RECURSIVE anc(child_model_id, parent_model_id, role, weight, plan_id, depth) AS (
+            SELECT child_model_id, parent_model_id, role, weight, plan_id, 1
+            FROM lineage WHERE child_model_id = :mid
+            UNION ALL
+            SELECT l.child_model_id, l.parent_model_id, l.role, l.weight, l.plan_id, a.depth + 1
+            FROM lineage l JOIN anc a ON l.child_model_id = a.parent_model_id
+        )
+        SELECT a.depth, c.name AS child, p.name AS parent, a.role, a.weight,
+               pl.method, a.plan_id
+        FROM anc a JOIN models c ON c.model_id = a.child_model_id
+        JOIN models p ON p.model_id = a.parent_model_id
+        JOIN plans pl ON pl.plan_id = a.plan_id
+        ORDER BY a.depth, child, a.role, parent"""
+    with ws.open() as cat:
+        m = cat.require_model(name)
+        rows = cat.rows(sa.text(query), {"mid": m["model_id"]})
+    if not rows and fmt == "table":
+        click.echo(f"{name} has no recorded parents (a source model)")
+        return
+    for r in rows:
+        r["plan_id"] = r["plan_id"][:12]
+    click.echo(format_rows(rows, fmt))
+
+
+@cli.command()
+@click.argument("query")
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table")
+@click.pass_obj
+def sql(ws, query: str, fmt: str) -> None:
+    """Run a read-only SQL query over the catalog.
+
+    \b
+    Tables: models, files, tensors, plans, runs, lineage, block_stats,
+    evaluations, searches, trials. Views: lineage_view, runs_view,
+    evaluations_view. Example:
+      mergepipe sql "SELECT child, weight FROM lineage_view WHERE parent = 'math'"
+    """
+    with ws.open() as cat:
+        rows = api.run_sql(cat, query)
+    click.echo(format_rows(rows, fmt))
+
+
+@cli.command()
+@click.argument("path", type=click.Path(exists=True, file_okay=False))
+@click.option("--json", "as_json", is_flag=True)
+def verify(path: str, as_json: bool) -> None:
+    """Re-hash a merged model's tensors against its manifest."""
+    res = api.verify(path)
+    if as_json:
+        echo_json(res.__dict__)
+    elif res.ok:
+        click.echo(f"ok: {res.tensors} tensors match the manifest (plan {res.plan_id[:12]})")
+    if not res.ok:
+        raise MergePipeError(f"{path}: {len(res.problems)} problem(s): {res.problems[0]}")
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def recover(ws, as_json: bool) -> None:
+    """Finish or roll back merges interrupted by a crash; remove staging directories."""
+    with ws.open() as cat:
+        rep = api.recover(cat)
+    if as_json:
+        echo_json(rep.__dict__)
+        return
+    click.echo(f"completed {len(rep.completed)}, rolled back {len(rep.rolled_back)}, "
+               f"removed {len(rep.removed_dirs)} director{'y' if len(rep.removed_dirs) == 1 else 'ies'}")

@@ -1,0 +1,150 @@
+"""Execute a Plan into a directory: read blocks, merge in float32, stream out.
+
+This module knows nothing about the catalog, so a worker process can run it;
+transactions (staging, manifest, commit) are in :mod:`mergepipe.engine.transaction`.
+Peak memory: for block-scope methods a few blocks per input; for tensor-scope
+methods (those needing whole-tensor statistics, e.g. TIES thresholds) one
+float32 copy of the current tensor per input.
+"""
+from __future__ import annotations
+
+import json
+import resource
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from tqdm import tqdm
+
+from mergepipe.engine.reader import BlockReader
+from mergepipe.engine.writer import ShardWriter
+from mergepipe.methods.base import TensorContext, get_method
+from mergepipe.planner.plan import Plan, TensorTask
+from mergepipe.safetensors_format import itemsize, torch_dtype
+
+DEFAULT_BLOCK_BYTES = 4 << 20
+_CONFIG_DTYPE = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
+
+
+@dataclass
+class ExecReport:
+    """What actually happened: measured bytes, time, memory and output hashes."""
+
+    plan_id: str
+    bytes_read: dict[str, int]                 # source key -> bytes
+    bytes_read_base: int
+    bytes_read_experts: int
+    bytes_written: int
+    wall_s: float
+    peak_rss: int
+    tensor_hashes: dict[str, str]
+    files: dict[str, int] = field(default_factory=dict)   # relpath -> size
+    device: str = "cpu"
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _chunks(task: TensorTask, block_bytes: int) -> Iterator[tuple[int, int]]:
+    rows = task.rows
+    if task.scope != "block" or rows == 0:
+        yield 0, rows
+        return
+    row_f32 = max(1, task.numel // rows) * 4
+    step = max(1, block_bytes // row_f32)
+    for a in range(0, rows, step):
+        yield a, min(rows, a + step)
+
+
+def _to_bytes(t: torch.Tensor, code: str) -> memoryview:
+    out = t.to(dtype=torch_dtype(code)).contiguous().cpu()
+    return memoryview(out.view(torch.uint8).numpy()).cast("B")
+
+
+def _merge_task(task: TensorTask, plan: Plan, reader: BlockReader, writer: ShardWriter,
+                device: str, block_bytes: int) -> None:
+    if task.scope == "copy":  # non-float tensors pass through byte for byte
+        src = task.base or task.inputs[0]
+        writer.write(task.name, reader.raw(src, 0, src.nbytes))
+        return
+    method = get_method(plan.method)
+    shape = task.shape
+    for a, b in _chunks(task, block_bytes):
+        base = reader.rows(task.base, shape, a, b, task.name, device) if task.base else None
+        inputs = []
+        for r in task.inputs:
+            if r.alias_base and base is not None:
+                inputs.append(base)
+            elif r.rows is not None and base is not None:
+                inputs.append(reader.rows_over(r, shape, a, b, base, task.name))
+            else:
+                inputs.append(reader.rows(r, shape, a, b, task.name, device))
+        ctx = TensorContext(name=task.name, shape=shape, input_keys=tuple(task.input_keys),
+                            seed=plan.seed, row_start=a)
+        out = method.fn(ctx, base, inputs, task.params)
+        writer.write(task.name, _to_bytes(out, task.out_dtype))
+
+
+def copy_side_files(plan: Plan, out_dir: Path, out_dtype: str | None) -> None:
+    """Config, tokenizer and generation files from the base (or first) model."""
+    src = plan.sources[plan.base_source() if plan.base_source() is not None else 0]
+    for rel in plan.copy_files:
+        target = out_dir / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if rel == "config.json" and out_dtype in _CONFIG_DTYPE:
+            cfg = json.loads((Path(src.path) / rel).read_text())
+            for key in ("torch_dtype", "dtype"):
+                if key in cfg or key == "torch_dtype":
+                    cfg[key] = _CONFIG_DTYPE[out_dtype]
+            target.write_text(json.dumps(cfg, indent=2) + "\n")
+        else:
+            shutil.copyfile(Path(src.path) / rel, target)
+
+
+def execute_plan(plan: Plan, out_dir: str | Path, device: str = "cpu",
+                 block_bytes: int = DEFAULT_BLOCK_BYTES, allow_nonfinite: bool = False,
+                 progress: bool = False) -> ExecReport:
+    """Write the merged checkpoint into ``out_dir`` (an empty staging directory)."""
+    t0 = time.perf_counter()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    reader = BlockReader(plan.sources, allow_nonfinite=allow_nonfinite)
+    hashes: dict[str, str] = {}
+    files: dict[str, int] = {}
+    written = 0
+    bar = tqdm(total=len(plan.tasks), desc="merge", unit="tensor", disable=not progress)
+    try:
+        for s, fname in enumerate(plan.shards):
+            tasks = [t for t in plan.tasks if t.shard == s]
+            writer = ShardWriter(out_dir / fname, [(t.name, t.out_dtype, t.shape) for t in tasks])
+            try:
+                for task in tasks:
+                    _merge_task(task, plan, reader, writer, device, block_bytes)
+                    bar.update(1)
+                writer.close()
+            finally:
+                writer.abort()
+            hashes.update(writer.hashes)
+            files[fname] = writer.bytes_written
+            written += writer.bytes_written
+    finally:
+        reader.close()
+        bar.close()
+    if len(plan.shards) > 1:
+        index = {"metadata": {"total_size": sum(t.numel * itemsize(t.out_dtype) for t in plan.tasks)},
+                 "weight_map": {t.name: plan.shards[t.shard] for t in sorted(plan.tasks, key=lambda t: t.name)}}
+        (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    out_codes = {t.out_dtype for t in plan.tasks if t.scope != "copy"}
+    copy_side_files(plan, out_dir, out_codes.pop() if len(out_codes) == 1 else None)
+    b = plan.base_source()
+    by_key = {s.key: reader.bytes_read[i] for i, s in enumerate(plan.sources)}
+    base_bytes = reader.bytes_read[b] if b is not None else 0
+    return ExecReport(
+        plan_id=plan.plan_id, bytes_read=by_key, bytes_read_base=base_bytes,
+        bytes_read_experts=sum(reader.bytes_read) - base_bytes, bytes_written=written,
+        wall_s=time.perf_counter() - t0, peak_rss=peak_rss_bytes(), tensor_hashes=hashes,
+        files=files, device=device)

@@ -1,0 +1,97 @@
+"""What a merge method is, and the registry the planner and engine consult.
+
+A method is a plain function over float32 tensors plus a declaration of its
+parameters and needs. Nothing else in MergePipe knows method names: the planner
+reads ``params``/``base`` to resolve settings and inputs, the engine reads
+``scope`` to decide whether it may stream row blocks or needs whole tensors.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal
+
+import torch
+
+from mergepipe.errors import SpecError
+
+REQUIRED = object()
+
+
+@dataclass(frozen=True)
+class TensorContext:
+    """Where the engine is: which tensor, which rows, which inputs, which seed."""
+
+    name: str
+    shape: tuple[int, ...]
+    input_keys: tuple[str, ...]      # stable ids of the non-base inputs (model names)
+    seed: int = 0
+    row_start: int = 0
+
+    def generator(self, input_index: int, device: torch.device | str = "cpu") -> torch.Generator:
+        """A generator seeded by (seed, tensor, input): same bytes in any order or thread."""
+        key = f"{self.seed}\0{self.name}\0{self.input_keys[input_index]}".encode()
+        seed = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
+        g = torch.Generator(device=device)
+        g.manual_seed(seed)
+        return g
+
+
+MergeFn = Callable[[TensorContext, "torch.Tensor | None", list[torch.Tensor], dict[str, Any]],
+                   torch.Tensor]
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    """A registered method: the function and what the planner/engine must know."""
+
+    name: str
+    fn: MergeFn
+    model_params: dict[str, Any] = field(default_factory=dict)   # per input model
+    global_params: dict[str, Any] = field(default_factory=dict)  # one value per tensor
+    base: Literal["required", "optional", "none"] = "required"
+    # 'block': elementwise, may be applied to any row block; 'tensor': needs whole tensors
+    scope: Literal["block", "tensor"] = "block"
+    stochastic: bool = False
+    # the budget error bound is exact when the output is linear in each delta
+    bound_kind: Literal["exact", "estimate"] = "estimate"
+    # inputs whose resolved weight is 0 contribute nothing and need not be read
+    zero_weight_skips: bool = False
+    min_models: int = 1
+    max_models: int | None = None
+    description: str = ""
+
+    def scope_for(self, params: dict[str, Any]) -> str:
+        return self.scope
+
+
+_REGISTRY: dict[str, MergeMethod] = {}
+
+
+def register(method: MergeMethod) -> MergeMethod:
+    _REGISTRY[method.name] = method
+    return method
+
+
+def get_method(name: str) -> MergeMethod:
+    _load_all()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise SpecError(f"unknown merge method {name!r}; known: {', '.join(sorted(_REGISTRY))}")
+
+
+def all_methods() -> dict[str, MergeMethod]:
+    _load_all()
+    return dict(_REGISTRY)
+
+
+def _load_all() -> None:
+    """Import every method module once so each registers itself."""
+    import importlib
+    import pkgutil
+
+    import mergepipe.methods as pkg
+    for info in pkgutil.iter_modules(pkg.__path__):
+        if info.name not in ("base",):
+            importlib.import_module(f"mergepipe.methods.{info.name}")
