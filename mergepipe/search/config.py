@@ -1,0 +1,97 @@
+"""The search config (YAML), validated once so every later failure is about the search."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mergepipe.errors import MergePipeError
+from mergepipe.search.algorithms import ALGORITHMS
+
+
+@dataclass
+class SearchConfig:
+    base: str
+    reasoning: str
+    tasks: list[str]
+    algorithm: str = "apbmm"
+    n_init: int = 8
+    n_total: int = 40
+    workers: int = 4
+    seed: int = 0
+    limit: int | None = None          # problems per task (None: the whole file)
+    group_size: int = 1               # contiguous layers per coefficient
+    io_budget: Any = None             # expert-byte budget passed to the planner
+    device: str = "cpu"
+    probe: str | None = None          # training JSONL for the activation prior
+    probe_n: int = 32
+    max_new_tokens: int | None = None
+    stretch_alpha: float | None = None  # heavy-tailed evaluation-time emulation (Pareto α)
+    out_dir: str | None = None
+    keep_all: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.algorithm not in ALGORITHMS:
+            raise MergePipeError(f"unknown algorithm {self.algorithm!r}; choose one of "
+                                 f"{', '.join(ALGORITHMS)}")
+        if not self.tasks:
+            raise MergePipeError("the search config needs at least one task (JSONL path)")
+        if self.n_total < 1 or self.n_init < 0 or self.workers < 1:
+            raise MergePipeError("n_total and workers must be at least 1, n_init at least 0")
+        if self.group_size < 1:
+            raise MergePipeError("group_size must be at least 1")
+        for t in self.tasks:
+            if not Path(t).is_file():
+                raise MergePipeError(f"task file {t} does not exist")
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], root: Path | None = None) -> "SearchConfig":
+        """Build from a mapping; relative paths are taken relative to ``root``."""
+        if not isinstance(data, dict):
+            raise MergePipeError("a search config must be a mapping")
+        known = {f.name for f in fields(cls)} - {"extra"}
+        missing = [k for k in ("base", "reasoning", "tasks") if k not in data]
+        if missing:
+            raise MergePipeError(f"search config is missing {', '.join(missing)}")
+        args = {k: v for k, v in data.items() if k in known}
+        extra = {k: v for k, v in data.items() if k not in known}
+        tasks = args["tasks"]
+        args["tasks"] = [tasks] if isinstance(tasks, str) else list(tasks)
+        if root is not None:
+            def fix(p: str) -> str:
+                q = Path(p).expanduser()
+                return str(q if q.is_absolute() else (root / q).resolve())
+            args["tasks"] = [fix(t) for t in args["tasks"]]
+            if args.get("probe"):
+                args["probe"] = fix(args["probe"])
+            for key in ("base", "reasoning"):
+                cand = root / str(args[key])
+                if not Path(str(args[key])).is_absolute() and cand.exists():
+                    args[key] = str(cand.resolve())
+        return cls(**args, extra=extra)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "SearchConfig":
+        p = Path(path)
+        try:
+            data = yaml.safe_load(p.read_text())
+        except (OSError, yaml.YAMLError) as exc:
+            raise MergePipeError(f"cannot read search config {p}: {exc}")
+        return cls.from_dict(data, root=p.resolve().parent)
+
+    def probe_path(self) -> Path:
+        """The training split beside the first task unless the config names one."""
+        if self.probe:
+            return Path(self.probe)
+        first = Path(self.tasks[0])
+        cand = first.with_name("train.jsonl")
+        if not cand.exists():
+            raise MergePipeError(f"no training split for probe prompts: set `probe:` in the "
+                                 f"config (looked for {cand})")
+        return cand

@@ -1,0 +1,268 @@
+"""The search coordinator: the one process that owns the catalog and drives the workers.
+
+The loop is short on purpose: whenever workers are free, give them the next
+point (a requeued trial, a fixed design point, or a fresh proposal with every
+in-flight candidate as pending); then wait for any result, commit it, record
+it and garbage-collect what fell off the Pareto front. The synchronous
+baseline differs in one place: it proposes only when nothing is in flight.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import warnings
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from tqdm import tqdm
+
+from mergepipe import api
+from mergepipe.catalog.store import Catalog, now
+from mergepipe.engine.transaction import committed_result
+from mergepipe.search import store
+from mergepipe.search.algorithms import Algorithm, History, make_algorithm
+from mergepipe.search.anchors import ensure_anchors, task_refs
+from mergepipe.search.config import SearchConfig
+from mergepipe.search.jobs import EvaluateJob, MergeEvaluateJob, stretch_factor
+from mergepipe.search.objectives import REF_POINT, Anchors, hypervolume, pareto_mask
+from mergepipe.search.prior_build import ensure_prior
+from mergepipe.search.report import session_of, summarise
+from mergepipe.search.space import LayerSpace
+from mergepipe.search.workers import LocalPool, TrialResult, WorkerPool
+
+
+@dataclass
+class InFlight:
+    x: list[float]
+    plan: Any
+    ticket: Any | None            # None when an existing commit is only re-evaluated
+    model_id: str | None = None
+
+
+def search_root(home: Path, search_id: str, cfg: SearchConfig) -> Path:
+    return Path(cfg.out_dir).expanduser() / search_id if cfg.out_dir else \
+        Path(home) / "searches" / search_id
+
+
+class SearchRun:
+    """One coordinator session of a search (a fresh start or a resume)."""
+
+    def __init__(self, cat: Catalog, search_id: str, home: Path, progress: bool = False,
+                 keep_all: bool | None = None,
+                 pool_factory: Callable[[int, str], WorkerPool] = LocalPool):
+        self.cat = cat
+        row = store.get_search(cat, search_id)
+        self.sid = row["search_id"]
+        self.row = row
+        self.cfg = SearchConfig.from_dict(row["config"])
+        self.keep_all = self.cfg.keep_all if keep_all is None else keep_all
+        self.root = search_root(home, self.sid, self.cfg)
+        self.progress = progress
+        self.pool_factory = pool_factory
+        self.inflight: dict[int, InFlight] = {}
+        self.collected: set[int] = set()
+
+    # -- setup ------------------------------------------------------------
+    def _session(self, rows: list[dict[str, Any]]) -> str:
+        seen = {session_of(r["worker"]) for r in rows if r["worker"]}
+        return f"s{len(seen) + 1}"
+
+    def _setup(self, pool: WorkerPool) -> None:
+        cfg = self.cfg
+        self.base = api.resolve_model(self.cat, cfg.base)
+        self.reasoning = api.resolve_model(self.cat, cfg.reasoning)
+        layers = int(self.base["num_layers"] or 0)
+        if layers < 1:
+            raise RuntimeError(f"model {self.base['name']} has no transformer layers indexed")
+        self.space = LayerSpace(layers, cfg.group_size)
+        self.tasks = task_refs(cfg)
+        self.anchors: Anchors = ensure_anchors(self.cat, self.sid, self.row, self.base,
+                                               self.reasoning, self.tasks, cfg.device, pool)
+        lengthscales = None
+        if cfg.algorithm == "apbmm":
+            lengthscales = ensure_prior(self.cat, self.sid, self.row, self.base, self.reasoning,
+                                        self.space, cfg)["lengthscales"]
+        self.alg: Algorithm = make_algorithm(cfg.algorithm, self.space, cfg.n_init, cfg.n_total,
+                                             cfg.seed, lengthscales)
+
+    # -- the loop ---------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        torch.set_num_threads(1)  # the workers need the cores more than the GP does
+        api.recover(self.cat)     # settle runs a killed session left PENDING
+        rows = store.trials(self.cat, self.sid)
+        session = self._session(rows)
+        pool = self.pool_factory(self.cfg.workers, f"{session}.w")
+        try:
+            self._setup(pool)
+            self._loop(pool)
+        except BaseException:
+            for trial, inf in self.inflight.items():
+                if inf.ticket is not None:
+                    api.abort_run(self.cat, inf.ticket)
+            self.inflight.clear()
+            raise
+        finally:
+            pool.close()
+        store.update_search(self.cat, self.sid, status="FINISHED", finished_at=now())
+        summary = summarise(self.cat, self.sid)
+        write_snapshot(self.root, summary)
+        return summary
+
+    def _loop(self, pool: WorkerPool) -> None:
+        rows = store.trials(self.cat, self.sid)
+        requeue = deque((r["trial"], r["x"]) for r in store.interrupted_trials(self.cat, self.sid))
+        finished = [r for r in rows if r["status"] in store.FINISHED]
+        next_trial = max([r["trial"] for r in rows], default=-1) + 1
+        self.X = [r["x"] for r in finished]
+        self.Y = [[r["f_acc"], r["f_cost"]] for r in finished]
+        bar = tqdm(total=self.cfg.n_total, initial=len(finished), file=sys.stderr,
+                   disable=not self.progress, desc=f"search {self.sid[:8]}", unit="trial")
+        self._collect_garbage(rows)
+        try:
+            while True:
+                free = pool.free()
+                while free and requeue:
+                    trial, x = requeue.popleft()
+                    self._dispatch(pool, trial, x, free.pop(0))
+                while free and next_trial < self.cfg.n_total:
+                    x = self.alg.fixed_point(next_trial)
+                    if x is None:
+                        break
+                    self._dispatch(pool, next_trial, x, free.pop(0))
+                    next_trial += 1
+                may_propose = not self.alg.synchronous or not self.inflight
+                if free and next_trial < self.cfg.n_total and may_propose:
+                    n = min(len(free), self.cfg.n_total - next_trial)
+                    for x in self._propose(n, next_trial):
+                        self._dispatch(pool, next_trial, x, free.pop(0))
+                        next_trial += 1
+                if not self.inflight:
+                    break
+                for result in pool.wait(timeout=None):
+                    self._record(result)
+                    bar.update(1)
+                    bar.set_postfix(hv=f"{hypervolume(self.Y):.4f}")
+                self._snapshot()
+        finally:
+            bar.close()
+
+    def _propose(self, n: int, trial: int) -> list[list[float]]:
+        pending = [inf.x for inf in self.inflight.values()]
+        hist = History(torch.tensor(self.X, dtype=torch.double).reshape(-1, self.alg.dim),
+                       torch.tensor(self.Y, dtype=torch.double).reshape(-1, 2),
+                       torch.tensor(pending, dtype=torch.double).reshape(-1, self.alg.dim))
+        if hist.X.shape[0] < 2:  # nothing to model yet: continue the shared design
+            return [self.alg.design()[trial + i].tolist() for i in range(n)]
+        try:
+            return self.alg.propose(hist, n)[:n]
+        except Exception as exc:  # a numerical failure must not end the search
+            warnings.warn(f"proposal failed ({exc}); falling back to quasi-random points")
+            return self.alg.fill([], hist, n)
+
+    # -- one trial --------------------------------------------------------
+    def _dispatch(self, pool: WorkerPool, trial: int, x: list[float], worker: str) -> None:
+        spec = self.alg.spec(x, self.base["name"], self.reasoning["name"])
+        plan = api.build_plan(self.cat, spec, io_budget=self.cfg.io_budget)
+        out = self.root / f"t{trial:04d}"
+        stretch = stretch_factor(self.cfg.seed, trial, self.cfg.stretch_alpha)
+        existing = committed_result(self.cat, plan)
+        if existing is not None and Path(existing.out) == out.resolve():
+            inf = InFlight(list(x), plan, None, existing.model_id)  # committed before a crash
+            job: Any = EvaluateJob(str(out), self.tasks, self.cfg.device, stretch)
+        else:
+            if out.exists():  # an uncommitted leftover (e.g. collected garbage); start clean
+                shutil.rmtree(out)
+            ticket = api.begin_run(self.cat, plan, out,
+                                   plan_inserted=getattr(plan, "stored_now", False),
+                                   device=self.cfg.device)
+            inf = InFlight(list(x), plan, ticket)
+            job = MergeEvaluateJob(plan, ticket.staging, self.tasks, self.cfg.device, stretch)
+        store.submit_trial(self.cat, self.sid, trial, x, plan.plan_id, worker)
+        self.inflight[trial] = inf
+        pool.submit(worker, trial, job)
+
+    def _record(self, r: TrialResult) -> None:
+        inf = self.inflight.pop(r.trial)
+        error = r.error
+        if r.ok:
+            try:
+                model_id = inf.model_id
+                if inf.ticket is not None:
+                    res = api.finish_run(self.cat, inf.plan, inf.ticket, r.value["report"],
+                                         name=f"search-{self.sid[:8]}-t{r.trial:03d}")
+                    model_id = res.model_id
+                metrics = r.value["metrics"]
+                for task, m in metrics.items():
+                    self.cat.record_evaluation(model_id, task, {
+                        "accuracy": m["accuracy"], "mean_tokens": m["mean_tokens"]},
+                        n=m["n"], backend=m["backend"], split="test", wall_s=m["wall_s"])
+                f = self.anchors.objectives(metrics)
+                k = len(metrics)
+                store.finish_trial(
+                    self.cat, self.sid, r.trial, ok=True, objectives=f, started=r.started,
+                    finished=r.finished, model_id=model_id,
+                    accuracy=sum(m["accuracy"] for m in metrics.values()) / k,
+                    mean_tokens=sum(m["mean_tokens"] for m in metrics.values()) / k)
+                self.X.append(inf.x)
+                self.Y.append(list(f))
+                self._collect_garbage(store.trials(self.cat, self.sid))
+                return
+            except Exception as exc:  # commit or scoring failed: the trial fails, search goes on
+                error = f"{type(exc).__name__}: {exc}"
+        if inf.ticket is not None:
+            api.abort_run(self.cat, inf.ticket)
+        store.finish_trial(self.cat, self.sid, r.trial, ok=False, objectives=REF_POINT,
+                           started=r.started, finished=r.finished, error=(error or "")[:4000])
+        self.X.append(inf.x)
+        self.Y.append(list(REF_POINT))
+
+    def _snapshot(self) -> None:
+        """Status for readers while this process holds the catalog (DuckDB admits one)."""
+        write_snapshot(self.root, summarise(self.cat, self.sid))
+
+    def _collect_garbage(self, rows: list[dict[str, Any]]) -> None:
+        """Delete merged checkpoints that are off the Pareto front (unless keep_all)."""
+        if self.keep_all:
+            return
+        done = [r for r in rows if r["status"] == "DONE"]
+        if not done:
+            return
+        mask = pareto_mask([[r["f_acc"], r["f_cost"]] for r in done]).tolist()
+        for r, on_front in zip(done, mask):
+            out = self.root / f"t{r['trial']:04d}"
+            if not on_front and r["trial"] not in self.collected:
+                shutil.rmtree(out, ignore_errors=True)
+                self.collected.add(r["trial"])
+
+
+SNAPSHOT = "status.json"
+
+
+def write_snapshot(root: Path, summary: dict[str, Any]) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".{SNAPSHOT}.tmp"
+    tmp.write_text(json.dumps(summary, default=str))
+    os.replace(tmp, root / SNAPSHOT)
+
+
+def start_search(cat: Catalog, cfg: SearchConfig, home: Path, progress: bool = False,
+                 keep_all: bool = False, **kw: Any) -> dict[str, Any]:
+    """Create the search row and run it to the end; returns the summary."""
+    cfg.keep_all = keep_all or cfg.keep_all
+    sid = store.create_search(cat, cfg.algorithm, cfg.to_json())
+    return SearchRun(cat, sid, home, progress=progress, **kw).run()
+
+
+def resume_search(cat: Catalog, search_id: str, home: Path, progress: bool = False,
+                  **kw: Any) -> dict[str, Any]:
+    """Continue a search from its catalog rows; a finished search just reports."""
+    row = store.get_search(cat, search_id)
+    if row["status"] == "FINISHED":
+        return summarise(cat, row["search_id"])
+    store.update_search(cat, row["search_id"], status="RUNNING")
+    return SearchRun(cat, row["search_id"], home, progress=progress, **kw).run()

@@ -1,0 +1,69 @@
+"""What a search has achieved so far, computed from its trial rows alone.
+
+Utilisation is busy time over (workers × wall). A resumed search runs in
+several coordinator sessions (worker names are ``s<session>.w<i>``), and the
+time the search lay dead between sessions is not counted as wall time.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+from mergepipe.catalog.store import Catalog
+from mergepipe.search import store
+from mergepipe.search.objectives import REF_POINT, hypervolume, pareto_mask
+
+
+def session_of(worker: str | None) -> str:
+    return worker.split(".", 1)[0] if worker and "." in worker else "s1"
+
+
+def timing(rows: list[dict[str, Any]], workers: int) -> dict[str, float]:
+    """Busy seconds, wall seconds (summed over sessions) and utilisation."""
+    spans: dict[str, list[Any]] = defaultdict(list)
+    busy = 0.0
+    for r in rows:
+        if r["status"] in store.FINISHED and r["started_at"] and r["finished_at"]:
+            busy += (r["finished_at"] - r["started_at"]).total_seconds()
+            spans[session_of(r["worker"])].append((r["submitted_at"] or r["started_at"],
+                                                   r["finished_at"]))
+    wall = sum((max(f for _, f in s) - min(a for a, _ in s)).total_seconds()
+               for s in spans.values())
+    return {"busy_s": busy, "wall_s": wall,
+            "utilisation": busy / (workers * wall) if wall > 0 else 0.0}
+
+
+def finished_points(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Finished trials in finishing order (failed ones sit at the reference point)."""
+    done = [r for r in rows if r["status"] in store.FINISHED and r["f_acc"] is not None]
+    return sorted(done, key=lambda r: (r["finished_at"], r["trial"]))
+
+
+def pareto_trials(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    ok = [r for r in rows if r["status"] == "DONE"]
+    if not ok:
+        return []
+    mask = pareto_mask([[r["f_acc"], r["f_cost"]] for r in ok])
+    return sorted((r for r, m in zip(ok, mask.tolist()) if m), key=lambda r: r["f_acc"])
+
+
+def summarise(cat: Catalog, search_id: str) -> dict[str, Any]:
+    """The fields `search status --json` and `search run --json` print."""
+    s = store.get_search(cat, search_id)
+    rows = store.trials(cat, s["search_id"])
+    pts = finished_points(rows)
+    counts = defaultdict(int)
+    for r in rows:
+        counts[r["status"]] += 1
+    t = timing(rows, int(s["config"].get("workers", 1)))
+    return {
+        "search_id": s["search_id"], "algorithm": s["algorithm"], "status": s["status"],
+        "trials": len(pts), "n_total": s["config"].get("n_total"),
+        "done": counts["DONE"], "failed": counts["FAILED"],
+        "in_flight": counts["RUNNING"] + counts["PENDING"],
+        "hypervolume": hypervolume([[r["f_acc"], r["f_cost"]] for r in pts], REF_POINT),
+        "pareto": len(pareto_trials(rows)),
+        "utilisation": t["utilisation"], "wall_s": t["wall_s"], "busy_s": t["busy_s"],
+        "workers": s["config"].get("workers"),
+        "created_at": s["created_at"], "finished_at": s["finished_at"],
+    }
