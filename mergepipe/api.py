@@ -41,14 +41,29 @@ def register(cat: Catalog, path: str | Path, name: str | None = None,
 def build_plan(cat: Catalog, spec: str | Path | dict[str, Any], io_budget: str | int | None = None,
                seed: int | None = None, analyze: bool = True, progress: bool = False,
                store: bool = True) -> Plan:
-    """Plan a merge (exact, or under an expert I/O budget) and store it."""
-    plan = build_exact_plan(cat, spec, seed=seed)
-    if io_budget is not None:
-        from mergepipe.planner.budget import apply_budget
-        plan = apply_budget(cat, plan, io_budget, analyze=analyze, progress=progress)
-    if store:
-        plan.stored_now = store_plan(cat, plan)  # type: ignore[attr-defined]
+    """Plan a merge (exact, or under an expert I/O budget) and store it.
+
+    Planning is all-or-nothing: a spec that fails to plan leaves no trace,
+    not even the models its paths would have registered.
+    """
+    before = list(cat.fresh_models)
+    try:
+        plan = build_exact_plan(cat, spec, seed=seed)
+        if io_budget is not None:
+            from mergepipe.planner.budget import apply_budget
+            plan = apply_budget(cat, plan, io_budget, analyze=analyze, progress=progress)
+        if store:
+            plan.stored_now = store_plan(cat, plan)  # type: ignore[attr-defined]
+    except BaseException:
+        _forget_fresh_models(cat, before)
+        raise
     return plan
+
+
+def _forget_fresh_models(cat: Catalog, keep: list[str]) -> None:
+    for model_id in [m for m in cat.fresh_models if m not in keep]:
+        cat.delete_model(model_id)
+        cat.fresh_models.remove(model_id)
 
 
 def finish_run(cat: Catalog, plan: Plan, ticket: RunTicket, report: ExecReport,
@@ -72,6 +87,7 @@ def apply_plan(cat: Catalog, plan: Plan, out: str | Path, name: str | None = Non
         return commit_run(cat, plan, ticket, report, name)
     except BaseException:
         abort_run(cat, ticket)
+        _forget_fresh_models(cat, [])
         raise
 
 

@@ -5,7 +5,7 @@ composite keys. Timestamps are stored as TIMESTAMP so SQL users can use them.
 """
 from __future__ import annotations
 
-from sqlalchemy import (BigInteger, Column, DateTime, Float, Integer, LargeBinary,
+from sqlalchemy import (BigInteger, Column, DateTime, Double, Integer, LargeBinary,
                         MetaData, String, Table, Text)
 
 SCHEMA_VERSION = 1
@@ -69,7 +69,7 @@ plans = Table(
     Column("est_bytes_experts", BigInteger, nullable=False),
     Column("est_bytes_full_experts", BigInteger, nullable=False),
     Column("est_bytes_out", BigInteger, nullable=False),
-    Column("error_bound", Float),
+    Column("error_bound", Double),
     Column("error_bound_kind", String),                 # exact | estimate
     Column("created_at", DateTime, nullable=False),
 )
@@ -88,7 +88,7 @@ runs = Table(
     Column("bytes_read_base", BigInteger),
     Column("bytes_read_experts", BigInteger),
     Column("bytes_written", BigInteger),
-    Column("wall_s", Float),
+    Column("wall_s", Double),
     Column("peak_rss", BigInteger),
     Column("error", Text),
     Column("started_at", DateTime, nullable=False),
@@ -100,7 +100,7 @@ lineage = Table(
     Column("child_model_id", String, primary_key=True),
     Column("parent_model_id", String, primary_key=True),
     Column("role", String, primary_key=True),           # base | expert
-    Column("weight", Float),                            # mean weight over tensors (summary)
+    Column("weight", Double),                            # mean weight over tensors (summary)
     Column("params_json", Text),                        # the parameters as written in the spec
     Column("plan_id", String, nullable=False),
     Column("run_id", String, nullable=False),
@@ -116,9 +116,9 @@ block_stats = Table(
     Column("row_end", BigInteger, nullable=False),
     Column("byte_offset", BigInteger, nullable=False),  # absolute offset in the expert shard
     Column("byte_length", BigInteger, nullable=False),
-    Column("delta_l2", Float, nullable=False),
-    Column("delta_maxabs", Float, nullable=False),
-    Column("base_l2", Float, nullable=False),
+    Column("delta_l2", Double, nullable=False),
+    Column("delta_maxabs", Double, nullable=False),
+    Column("base_l2", Double, nullable=False),
 )
 
 stats_runs = Table(
@@ -129,7 +129,7 @@ stats_runs = Table(
     Column("base_fingerprint", String, nullable=False),
     Column("block_bytes", BigInteger, nullable=False),
     Column("bytes_read", BigInteger, nullable=False),
-    Column("wall_s", Float, nullable=False),
+    Column("wall_s", Double, nullable=False),
     Column("created_at", DateTime, nullable=False),
 )
 
@@ -140,10 +140,10 @@ evaluations = Table(
     Column("task", String, nullable=False),
     Column("split", String),
     Column("metric", String, nullable=False),           # accuracy | mean_tokens | ...
-    Column("value", Float, nullable=False),
+    Column("value", Double, nullable=False),
     Column("n", Integer, nullable=False),
     Column("backend", String, nullable=False),
-    Column("wall_s", Float),
+    Column("wall_s", Double),
     Column("created_at", DateTime, nullable=False),
 )
 
@@ -167,10 +167,10 @@ trials = Table(
     Column("plan_id", String),
     Column("model_id", String),
     Column("status", String, nullable=False),           # PENDING | RUNNING | DONE | FAILED
-    Column("f_acc", Float),
-    Column("f_cost", Float),
-    Column("accuracy", Float),
-    Column("mean_tokens", Float),
+    Column("f_acc", Double),
+    Column("f_cost", Double),
+    Column("accuracy", Double),
+    Column("mean_tokens", Double),
     Column("worker", String),
     Column("submitted_at", DateTime),
     Column("started_at", DateTime),

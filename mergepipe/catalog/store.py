@@ -54,6 +54,9 @@ class Catalog:
         self.url = url
         self.read_only = read_only
         self.is_duckdb = url.startswith("duckdb:")
+        # models registered implicitly (spec paths) through this handle; a failed
+        # apply removes them again so bad input leaves the catalog unchanged
+        self.fresh_models: list[str] = []
         connect_args: dict[str, Any] = {}
         if self.is_duckdb and read_only:
             connect_args["read_only"] = True
@@ -136,6 +139,15 @@ class Catalog:
             raise MergePipeError(f"no model named {name_or_id!r} in the catalog "
                                  f"(register it with `mergepipe register PATH`)")
         return m
+
+    def delete_model(self, model_id: str) -> None:
+        """Remove a model and everything indexed about it (not its files)."""
+        with self.transaction() as c:
+            for t in (schema.tensors, schema.files, schema.models):
+                c.execute(t.delete().where(t.c.model_id == model_id))
+            for col in ("expert_model_id", "base_model_id"):
+                c.execute(schema.block_stats.delete().where(schema.block_stats.c[col] == model_id))
+                c.execute(schema.stats_runs.delete().where(schema.stats_runs.c[col] == model_id))
 
     def model_tensors(self, model_id: str) -> list[dict[str, Any]]:
         t = schema.tensors

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from mergepipe.engine.reader import BlockReader
 from mergepipe.engine.writer import ShardWriter
+from mergepipe.engine.faults import crash_point
 from mergepipe.methods.base import TensorContext, get_method
 from mergepipe.planner.plan import Plan, TensorTask
 from mergepipe.safetensors_format import itemsize, torch_dtype
@@ -122,9 +123,11 @@ def execute_plan(plan: Plan, out_dir: str | Path, device: str = "cpu",
             tasks = [t for t in plan.tasks if t.shard == s]
             writer = ShardWriter(out_dir / fname, [(t.name, t.out_dtype, t.shape) for t in tasks])
             try:
-                for task in tasks:
+                for i, task in enumerate(tasks):
                     _merge_task(task, plan, reader, writer, device, block_bytes)
                     bar.update(1)
+                    if i == len(tasks) // 2:
+                        crash_point("mid_write")
                 writer.close()
             finally:
                 writer.abort()

@@ -10,6 +10,7 @@ and finish recording.
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import shutil
@@ -24,6 +25,7 @@ from mergepipe.catalog import schema
 from mergepipe.catalog.register import register_model
 from mergepipe.catalog.store import Catalog, new_id, now
 from mergepipe.engine.execute import ExecReport
+from mergepipe.engine.faults import crash_point
 from mergepipe.errors import MergePipeError
 from mergepipe.planner.plan import Plan
 from mergepipe.safetensors_format import fsync_dir
@@ -174,7 +176,7 @@ def lineage_rows(plan: Plan, child_id: str, run_id: str) -> list[dict[str, Any]]
         ws = sums.get(s.key)
         rows.append(dict(
             child_model_id=child_id, parent_model_id=s.model_id, role=s.role,
-            weight=(sum(ws) / len(ws)) if ws else None,
+            weight=(math.fsum(ws) / len(ws)) if ws else None,
             params_json=json.dumps(_params_for(spec_params, s), default=str),
             plan_id=plan.plan_id, run_id=run_id))
     return rows
@@ -189,9 +191,13 @@ def _params_for(spec_params: dict[str, Any], source: Any) -> Any:
 
 def commit_run(cat: Catalog, plan: Plan, ticket: RunTicket, report: ExecReport,
                name: str | None = None) -> ApplyResult:
+    crash_point("before_manifest")
     write_manifest(plan, ticket, report)
+    crash_point("after_manifest")
     _swap_into_place(ticket)
+    crash_point("after_rename")
     model = record_commit(cat, plan, ticket, report, name)
+    crash_point("after_commit")
     return ApplyResult(
         plan_id=plan.plan_id, run_id=ticket.run_id, model=model["name"],
         model_id=model["model_id"], out=ticket.out,

@@ -31,7 +31,12 @@ def resolve_model(cat: Catalog, ref: str) -> dict[str, Any]:
         return m
     p = Path(ref).expanduser()
     if p.is_dir():
-        return cat.model_by_path(p) or register_model(cat, p)
+        known = cat.model_by_path(p)
+        if known is not None:
+            return known
+        row = register_model(cat, p)
+        cat.fresh_models.append(row["model_id"])
+        return row
     raise SpecError(f"model {ref!r} is neither a catalog name nor a model directory")
 
 

@@ -1,0 +1,4 @@
+"""`python -m mergepipe` runs the CLI."""
+from mergepipe.cli import main
+
+main()

@@ -1,0 +1,95 @@
+"""Shared fixtures: tiny real Llama checkpoints and a CLI runner.
+
+Checkpoints are made with transformers' LlamaConfig and save_pretrained, as
+mergekit's own tests do, so every test reads real safetensors files.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+import torch
+from click.testing import CliRunner
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def make_llama(path: Path, seed: int, layers: int = 4, hidden: int = 32, vocab: int = 128,
+               dtype: torch.dtype = torch.float32, base: Path | None = None,
+               scale: float = 0.02, shard: str | None = None) -> Path:
+    """A tiny LlamaForCausalLM; with ``base``, a fine-tune-like perturbation of it."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab,
+                      tie_word_embeddings=False)
+    model = LlamaForCausalLM(cfg)
+    if base is not None:
+        ref = LlamaForCausalLM.from_pretrained(base, dtype=torch.float32)
+        with torch.no_grad():
+            for (n, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
+                p.copy_(q + scale * torch.randn_like(q))
+    model = model.to(dtype)
+    kwargs: dict[str, Any] = {"max_shard_size": shard} if shard else {}
+    model.save_pretrained(path, **kwargs)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_family(tmp_path_factory) -> dict[str, Path]:
+    """base + three experts (4 layers, hidden 32, float32)."""
+    root = tmp_path_factory.mktemp("family")
+    base = make_llama(root / "base", 0)
+    return {"base": base,
+            "e1": make_llama(root / "e1", 1, base=base),
+            "e2": make_llama(root / "e2", 2, base=base),
+            "e3": make_llama(root / "e3", 3, base=base)}
+
+
+@pytest.fixture
+def family(tiny_family, tmp_path) -> dict[str, Path]:
+    """A private copy of the tiny family that a test may damage."""
+    out = {}
+    for name, src in tiny_family.items():
+        out[name] = Path(shutil.copytree(src, tmp_path / "models" / name))
+    return out
+
+
+class Cli:
+    """Runs `mergepipe` in-process against one workspace."""
+
+    def __init__(self, home: Path):
+        self.home = home
+        self.runner = CliRunner()
+
+    def __call__(self, *args: str, ok: bool = True):
+        from mergepipe.cli import cli
+        res = self.runner.invoke(cli, ["--home", str(self.home), *map(str, args)],
+                                 catch_exceptions=False)
+        if ok and res.exit_code != 0:
+            raise AssertionError(f"mergepipe {' '.join(map(str, args))} failed "
+                                 f"({res.exit_code}): {res.stderr or res.output}")
+        return res
+
+    def snapshot(self) -> dict[str, list]:
+        """Every catalog row, to prove a failed command changed nothing."""
+        from mergepipe.catalog import schema
+        from mergepipe.catalog.store import open_catalog
+        with open_catalog(self.home) as cat:
+            return {t.name: sorted(map(repr, cat.rows(sa.select(t))))
+                    for t in schema.metadata.sorted_tables}
+
+
+@pytest.fixture
+def cli(tmp_path) -> Cli:
+    return Cli(tmp_path / "ws")
+
+
+def write_spec(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
