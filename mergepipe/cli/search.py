@@ -1,0 +1,135 @@
+"""`mergepipe search …`: run, watch, resume and harvest AP-BMM and baseline searches."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import click
+
+from mergepipe.catalog.store import DEFAULT_HOME
+from mergepipe.cli import cli
+from mergepipe.cli.common import echo_json, stderr_progress, table
+from mergepipe.errors import CatalogLockedError
+
+FINAL_FIELDS = ("search_id", "algorithm", "status", "trials", "hypervolume", "utilisation",
+                "wall_s", "pareto", "failed")
+
+
+def workspace_home(ws: Any) -> Path:
+    return Path(ws.home or os.environ.get("MERGEPIPE_HOME") or DEFAULT_HOME).expanduser()
+
+
+def _final(summary: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        echo_json({k: summary.get(k) for k in FINAL_FIELDS})
+    else:
+        click.echo(f"search {summary['search_id']} {summary['status'].lower()}: "
+                   f"{summary['trials']} trials, hypervolume {summary['hypervolume']:.4f}, "
+                   f"utilisation {summary['utilisation']:.0%}, {summary['pareto']} on the front",
+                   err=True)
+
+
+@cli.group()
+def search() -> None:
+    """Multi-objective layer-wise merge search (AP-BMM) and its baselines."""
+
+
+@search.command("run")
+@click.argument("config", type=click.Path(exists=True, dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the final summary as JSON.")
+@click.option("--keep-all", is_flag=True, help="Keep every merged checkpoint, not only the front.")
+@click.pass_obj
+def run_cmd(ws, config: str, as_json: bool, keep_all: bool) -> None:
+    """Run the search CONFIG.yml describes (base, reasoning, tasks, algorithm, budget).
+
+    Prints the search id first (resume it with `mergepipe search resume ID` if the
+    run is interrupted). Merged checkpoints off the Pareto front are deleted as the
+    search goes unless --keep-all.
+    """
+    from mergepipe.search.config import SearchConfig
+    from mergepipe.search.coordinator import SearchRun
+    from mergepipe.search import store
+    cfg = SearchConfig.from_yaml(config)
+    cfg.keep_all = cfg.keep_all or keep_all
+    with ws.open() as cat:
+        sid = store.create_search(cat, cfg.algorithm, cfg.to_json())
+        click.echo(sid if not as_json else f"search {sid} started", err=as_json)
+        summary = SearchRun(cat, sid, workspace_home(ws), progress=stderr_progress()).run()
+    _final(summary, as_json)
+
+
+@search.command("resume")
+@click.argument("search_id")
+@click.option("--json", "as_json", is_flag=True, help="Print the final summary as JSON.")
+@click.pass_obj
+def resume_cmd(ws, search_id: str, as_json: bool) -> None:
+    """Continue an interrupted search: finished trials are kept, in-flight ones re-run."""
+    from mergepipe.search.coordinator import resume_search
+    with ws.open() as cat:
+        summary = resume_search(cat, search_id, workspace_home(ws), progress=stderr_progress())
+    _final(summary, as_json)
+
+
+def _snapshots(home: Path, search_id: str | None) -> list[dict[str, Any]]:
+    """Status files a running coordinator keeps beside its checkpoints."""
+    out = []
+    for f in sorted((home / "searches").glob("*/status.json")):
+        doc = json.loads(f.read_text())
+        if search_id is None or doc["search_id"].startswith(search_id):
+            out.append(doc)
+    return sorted(out, key=lambda d: str(d.get("created_at")))
+
+
+@search.command("status")
+@click.argument("search_id", required=False)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per search.")
+@click.pass_obj
+def status_cmd(ws, search_id: str | None, as_json: bool) -> None:
+    """Trials, hypervolume and utilisation of one search (or all, oldest first)."""
+    from mergepipe.search import store
+    from mergepipe.search.report import summarise
+    try:
+        with ws.open(read_only=True) as cat:
+            ids = [search_id] if search_id else [r["search_id"] for r in store.list_searches(cat)]
+            rows = [summarise(cat, i) for i in ids]
+    except CatalogLockedError:
+        # A running search holds the catalog; read the status it publishes instead.
+        rows = _snapshots(workspace_home(ws), search_id)
+        if not rows:
+            raise
+    if as_json:
+        for r in rows:
+            echo_json(r)
+    else:
+        table(rows, ["search_id", "algorithm", "status", "trials", "n_total", "failed",
+                     "hypervolume", "utilisation", "pareto", "wall_s"])
+
+
+@search.command("pareto")
+@click.argument("search_id")
+@click.option("--plot", type=click.Path(dir_okay=False), help="Write the Pareto plot (PNG).")
+@click.option("--hv-plot", type=click.Path(dir_okay=False),
+              help="Write hypervolume over wall time (PNG).")
+@click.option("--materialize", is_flag=True,
+              help="Re-create any front model whose checkpoint is missing from disk.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per front model.")
+@click.pass_obj
+def pareto_cmd(ws, search_id: str, plot: str | None, hv_plot: str | None, materialize: bool,
+               as_json: bool) -> None:
+    """The Pareto set as named models, with lineage and evaluations."""
+    from mergepipe.search.harvest import front_models, write_plots
+    with ws.open() as cat:
+        rows = front_models(cat, search_id, materialize=materialize)
+        if plot or hv_plot:
+            write_plots(cat, search_id, plot, hv_plot)
+    if as_json:
+        for r in rows:
+            echo_json(r)
+    else:
+        table(rows, ["trial", "model", "f_acc", "f_cost", "accuracy", "mean_tokens",
+                     "weight", "on_disk", "path"])
+    for p in (plot, hv_plot):
+        if p:
+            click.echo(f"wrote {p}", err=True)

@@ -1,0 +1,69 @@
+"""The end product of a search: its Pareto set as committed models, and its plots."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+
+from mergepipe import api
+from mergepipe.catalog import schema
+from mergepipe.catalog.store import Catalog
+from mergepipe.search import store
+from mergepipe.search.plots import hypervolume_plot, pareto_plot, series_from_trials
+from mergepipe.search.report import finished_points, pareto_trials
+
+
+def _lineage(cat: Catalog, model_id: str) -> list[dict[str, Any]]:
+    lin, m = schema.lineage, schema.models
+    return cat.rows(sa.select(m.c.name.label("parent"), lin.c.role, lin.c.weight, lin.c.plan_id,
+                              lin.c.run_id)
+                    .join(m, m.c.model_id == lin.c.parent_model_id)
+                    .where(lin.c.child_model_id == model_id).order_by(lin.c.role))
+
+
+def _evaluations(cat: Catalog, model_id: str) -> dict[str, dict[str, float]]:
+    e = schema.evaluations
+    out: dict[str, dict[str, float]] = {}
+    for r in cat.rows(sa.select(e).where(e.c.model_id == model_id).order_by(e.c.created_at)):
+        out.setdefault(r["task"], {})[r["metric"]] = r["value"]
+    return out
+
+
+def front_models(cat: Catalog, search_id: str, materialize: bool = False) -> list[dict[str, Any]]:
+    """One row per Pareto-optimal trial: its model, lineage, evaluations and whereabouts."""
+    s = store.get_search(cat, search_id)
+    out = []
+    for t in pareto_trials(store.trials(cat, s["search_id"])):
+        model = cat.model_by_id(t["model_id"]) if t["model_id"] else None
+        path = Path(model["path"]) if model else None
+        if materialize and model is not None and not (path and path.exists()):
+            plan = api.load_plan(cat, t["plan_id"])
+            res = api.apply_plan(cat, plan, path, name=f"{model['name']}-m", overwrite=True)
+            model = cat.model_by_id(res.model_id)
+            path = Path(model["path"])
+        lineage = _lineage(cat, model["model_id"]) if model else []
+        weight = next((l["weight"] for l in lineage if l["role"] != "base"), None)
+        out.append({"trial": t["trial"], "model": model["name"] if model else None,
+                    "model_id": t["model_id"], "plan_id": t["plan_id"],
+                    "f_acc": t["f_acc"], "f_cost": t["f_cost"], "accuracy": t["accuracy"],
+                    "mean_tokens": t["mean_tokens"], "x": t["x"], "weight": weight,
+                    "path": str(path) if path else None,
+                    "on_disk": bool(path and path.exists()), "lineage": lineage,
+                    "evaluations": _evaluations(cat, t["model_id"]) if t["model_id"] else {}})
+    return out
+
+
+def write_plots(cat: Catalog, search_id: str, pareto_png: str | None,
+                hv_png: str | None) -> None:
+    s = store.get_search(cat, search_id)
+    rows = store.trials(cat, s["search_id"])
+    pts = finished_points(rows)
+    title = f"{s['algorithm']} · search {s['search_id'][:8]} · {len(pts)} trials"
+    if pareto_png:
+        front = [[t["f_acc"], t["f_cost"]] for t in pareto_trials(rows)]
+        pareto_plot([[r["f_acc"], r["f_cost"]] for r in pts], front, pareto_png, title,
+                    labels=[f"t{t['trial']}" for t in pareto_trials(rows)])
+    if hv_png:
+        hypervolume_plot({s["algorithm"]: series_from_trials(pts)}, hv_png, title)

@@ -1,0 +1,96 @@
+"""The local worker pool and the asynchronous scheduler, with real cheap jobs in real processes."""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from mergepipe.search.algorithms import APBMM, History, make_algorithm, sobol_design
+from mergepipe.search.rerank import DUPLICATE_TOL, rms_distance
+from mergepipe.search.space import LayerSpace
+from mergepipe.search.workers import LocalPool
+
+
+@dataclass
+class SleepJob:
+    """Sleeps, then reports which process ran it."""
+
+    seconds: float
+    fail: bool = False
+    die: bool = False
+
+    def run(self) -> dict:
+        time.sleep(self.seconds)
+        if self.die:
+            os._exit(9)
+        if self.fail:
+            raise ValueError("bad candidate")
+        return {"pid": os.getpid(), "slept": self.seconds}
+
+
+def test_pool_frees_each_worker_as_its_own_job_finishes():
+    with LocalPool(2, prefix="t.w") as pool:
+        assert pool.free() == ["t.w0", "t.w1"]
+        pool.submit("t.w0", 0, SleepJob(0.1))
+        pool.submit("t.w1", 1, SleepJob(1.5))
+        assert pool.free() == []
+        first = pool.wait(timeout=30)
+        assert [r.trial for r in first] == [0] and first[0].ok
+        assert pool.free() == ["t.w0"]          # the fast worker is free while the slow one runs
+        pool.submit("t.w0", 2, SleepJob(0.0, fail=True))
+        results = []
+        while len(results) < 2:
+            results += pool.wait(timeout=30)
+        by_trial = {r.trial: r for r in results}
+        assert by_trial[1].ok and by_trial[1].value["slept"] == 1.5
+        assert not by_trial[2].ok and "bad candidate" in by_trial[2].error
+        assert by_trial[1].value["pid"] != os.getpid()
+        assert by_trial[1].busy_s >= 1.0
+
+
+def test_a_worker_that_dies_fails_its_trial_and_is_replaced():
+    with LocalPool(1) as pool:
+        pool.submit("w0", 7, SleepJob(0.0, die=True))
+        res = pool.wait(timeout=60)
+        assert len(res) == 1 and not res[0].ok and "died" in res[0].error
+        pool.submit("w0", 8, SleepJob(0.0))
+        again = pool.wait(timeout=60)
+        assert again[0].ok and again[0].trial == 8
+
+
+def _toy(X: torch.Tensor) -> torch.Tensor:
+    acc = X[:, :3].mean(-1)
+    return torch.stack([acc, 1 - X[:, 1:4].mean(-1) ** 2], -1)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_no_proposal_duplicates_a_candidate_in_flight(seed):
+    torch.set_num_threads(1)
+    space = LayerSpace(5)
+    alg = make_algorithm("apbmm", space, 6, 20, seed, [1.0, 0.5, 0.5, 2.0, 5.0, 5.0])
+    assert isinstance(alg, APBMM)
+    X = sobol_design(space.dim, 8, seed)
+    Y = _toy(X)
+    # In flight: the best points seen so far, where an acquisition would like to go again.
+    best = torch.argsort(Y.sum(-1), descending=True)[:3]
+    pending = X[best] + 1e-4
+    picks = torch.tensor(alg.propose(History(X, Y, pending), 3), dtype=torch.double)
+    assert picks.shape == (3, space.dim)
+    assert float(rms_distance(picks, pending).min()) >= DUPLICATE_TOL
+    assert float(rms_distance(picks, picks).add(torch.eye(3) * 9).min()) >= DUPLICATE_TOL
+
+
+def test_sobol_design_is_shared_by_algorithms_with_the_same_seed():
+    space = LayerSpace(4)
+    a = make_algorithm("apbmm", space, 8, 40, 3)
+    b = make_algorithm("sync-qnehvi", space, 8, 40, 3)
+    c = make_algorithm("sobol", space, 8, 40, 3)
+    for t in range(8):
+        assert a.fixed_point(t) == b.fixed_point(t) == c.fixed_point(t)
+    assert a.fixed_point(8) is None and c.fixed_point(8) is not None
+    assert make_algorithm("apbmm", space, 8, 40, 4).fixed_point(0) != a.fixed_point(0)
+    grid = make_algorithm("grid-ta", space, 8, 5, 3)
+    assert [grid.fixed_point(t) for t in range(5)] == [[0.0], [0.25], [0.5], [0.75], [1.0]]
