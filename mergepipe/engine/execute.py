@@ -96,11 +96,12 @@ def copy_side_files(plan: Plan, out_dir: Path, out_dtype: str | None) -> None:
     for rel in plan.copy_files:
         target = out_dir / rel
         target.parent.mkdir(parents=True, exist_ok=True)
-        if rel == "config.json" and out_dtype in _CONFIG_DTYPE:
+        if rel == "config.json" and (out_dtype in _CONFIG_DTYPE or plan.config_updates):
             cfg = json.loads((Path(src.path) / rel).read_text())
             for key in ("torch_dtype", "dtype"):
-                if key in cfg or key == "torch_dtype":
+                if out_dtype in _CONFIG_DTYPE and (key in cfg or key == "torch_dtype"):
                     cfg[key] = _CONFIG_DTYPE[out_dtype]
+            cfg.update(plan.config_updates)  # e.g. a frankenmerge's layer count
             target.write_text(json.dumps(cfg, indent=2) + "\n")
         else:
             shutil.copyfile(Path(src.path) / rel, target)

@@ -49,6 +49,8 @@ class MergeMethod:
     fn: MergeFn
     model_params: dict[str, Any] = field(default_factory=dict)   # per input model
     global_params: dict[str, Any] = field(default_factory=dict)  # one value per tensor
+    # 'required'/'optional': the base model is read as the base, never as an input;
+    # 'none': the method has no base, so a base_model is an ordinary input (as in mergekit)
     base: Literal["required", "optional", "none"] = "required"
     # 'block': elementwise, may be applied to any row block; 'tensor': needs whole tensors
     scope: Literal["block", "tensor"] = "block"
@@ -57,8 +59,8 @@ class MergeMethod:
     bound_kind: Literal["exact", "estimate"] = "estimate"
     # inputs whose resolved weight is 0 contribute nothing and need not be read
     zero_weight_skips: bool = False
-    min_models: int = 1
-    max_models: int | None = None
+    min_models: int = 1              # how many non-base inputs the method takes:
+    max_models: int | None = None    # the planner reads exactly these and the base
     description: str = ""
 
     def scope_for(self, params: dict[str, Any]) -> str:

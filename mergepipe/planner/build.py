@@ -6,6 +6,7 @@ Budgeted plans start from the exact plan and drop expert blocks
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ from mergepipe.catalog.register import check_fresh, register_model
 from mergepipe.catalog.store import Catalog, now
 from mergepipe.errors import MergePipeError, SpecError
 from mergepipe.methods.base import REQUIRED, MergeMethod
-from mergepipe.planner.params import MISSING, first_resolved
+from mergepipe.planner.params import MISSING, first_resolved, gradient_t, validate_setting
 from mergepipe.planner.plan import Plan, Read, Source, TensorTask
 from mergepipe.planner.spec import MergeSpec, parse_spec
 from mergepipe.safetensors_format import FLOAT_CODES, dtype_code, itemsize, official_order
@@ -44,8 +45,11 @@ def _tensor_map(cat: Catalog, model_id: str) -> dict[str, dict[str, Any]]:
     return {r["name"]: r for r in cat.model_tensors(model_id)}
 
 
-def _numeric(key: str, value: Any, where: str) -> Any:
-    if isinstance(value, bool) or key in ("normalize", "rescale", "int8_mask", "filter_wise"):
+def _numeric(key: str, value: Any, default: Any, where: str) -> Any:
+    """Coerce a resolved setting to the type of the method's default."""
+    if value is None:
+        return None
+    if isinstance(default, bool) or isinstance(value, bool):
         return bool(value)
     try:
         return float(value)
@@ -53,25 +57,162 @@ def _numeric(key: str, value: Any, where: str) -> Any:
         raise SpecError(f"parameter {key!r} for {where}: expected a number, got {value!r}")
 
 
-def resolve_params(spec: MergeSpec, method: MergeMethod, input_params: list[dict[str, Any]],
-                   input_names: list[str], tensor: str, layer: int | None,
-                   num_layers: int | None) -> dict[str, Any]:
-    """Every parameter of the method for one tensor: per-model lists and globals."""
+@dataclass
+class InputRef:
+    """One non-base input of an output tensor and where its settings come from."""
+
+    src: int                              # index into the plan's sources
+    key: str                              # model name (seeds stochastic methods)
+    row: dict[str, Any]                   # the input tensor's catalog row
+    settings: list[dict[str, Any] | None]  # model, slice, spec parameters (highest first)
+
+
+def resolve_params(method: MergeMethod, inputs: list[InputRef],
+                   shared: list[dict[str, Any] | None], tensor: str, t: float,
+                   layer: int | None) -> dict[str, Any]:
+    """Every parameter of the method for one tensor: per-model lists and globals.
+
+    As in mergekit, a model's filters match its own tensor name (which differs
+    from the output name in frankenmerges) and merge-wide ones the output name.
+    """
     out: dict[str, Any] = {}
     for key, default in method.model_params.items():
         values = []
-        for params, name in zip(input_params, input_names):
-            v = first_resolved([params, spec.parameters], key, tensor, layer, num_layers)
+        for inp in inputs:
+            v = first_resolved(inp.settings, key, inp.row["name"], t, layer)
             if v is MISSING:
                 if default is REQUIRED:
-                    raise SpecError(f"parameter {key!r} is missing for model {name!r}")
+                    raise SpecError(f"parameter {key!r} is missing for model {inp.key!r} "
+                                    f"(tensor {inp.row['name']!r})")
                 v = default
-            values.append(_numeric(key, v, name))
+            values.append(_numeric(key, v, default, inp.key))
         out[key] = values
     for key, default in method.global_params.items():
-        v = first_resolved([spec.parameters], key, tensor, layer, num_layers)
-        out[key] = _numeric(key, default if v is MISSING else v, "the merge")
+        v = first_resolved(shared, key, tensor, t, layer)
+        if v is MISSING:
+            if default is REQUIRED:
+                raise SpecError(f"parameter {key!r} is missing for tensor {tensor!r}; "
+                                f"method {method.name!r} needs it")
+            v = default
+        out[key] = _numeric(key, v, default, "the merge")
     return out
+
+
+def input_tensor(tensors: dict[str, dict[str, Any]], name: str, model: str,
+                 layout: dict[str, Any], layout_model: str) -> dict[str, Any]:
+    """An input's tensor row, checked against the output layout's shape and dtype."""
+    et = tensors.get(name)
+    if et is None:
+        raise MergePipeError(f"model {model!r} has no tensor {name!r} that "
+                             f"{layout_model!r} has")
+    shape, eshape = json.loads(layout["shape"]), json.loads(et["shape"])
+    if eshape != shape:
+        raise MergePipeError(f"shape mismatch for {name!r}: {shape} in {layout_model!r} "
+                             f"but {eshape} in {model!r}")
+    if et["dtype"] != layout["dtype"]:
+        raise MergePipeError(f"dtype mismatch for {name!r}: {layout['dtype']} in "
+                             f"{layout_model!r} but {et['dtype']} in {model!r}")
+    return et
+
+
+def make_task(method: MergeMethod, name: str, layer: int | None, t: float,
+              layout: dict[str, Any], base: tuple[int, dict[str, Any]] | None,
+              inputs: list[InputRef], shared: list[dict[str, Any] | None],
+              out_code: str | None) -> TensorTask:
+    """One output tensor: resolved parameters, and the reads the method needs."""
+    shape = tuple(json.loads(layout["shape"]))
+    params = resolve_params(method, inputs, shared, name, t, layer)
+    reads, keys, kept, skipped = [], [], [], []
+    for k, inp in enumerate(inputs):
+        if method.zero_weight_skips and "weight" in params and params["weight"][k] == 0:
+            skipped.append(inp.key)
+            continue
+        r = _read(inp.src, inp.row)
+        if base is not None and inp.row["content_hash"] and \
+                inp.row["content_hash"] == base[1]["content_hash"]:
+            r.alias_base = True
+        reads.append(r)
+        keys.append(inp.key)
+        kept.append(k)
+    params = {key: ([v[k] for k in kept] if key in method.model_params else v)
+              for key, v in params.items()}
+    is_float = layout["dtype"] in FLOAT_CODES
+    if base is None and not reads and is_float:
+        raise SpecError(f"every model has weight 0 for tensor {name!r}")
+    if not is_float:  # non-float buffers are copied from the base (or first) model
+        reads, keys = ([], []) if base is not None else (reads[:1], keys[:1])
+    return TensorTask(
+        name=name, shape=shape, out_dtype=(out_code if is_float and out_code else layout["dtype"]),
+        layer=layer, scope=method.scope_for(params) if is_float else "copy", params=params,
+        base=_read(base[0], base[1]) if base is not None else None, inputs=reads,
+        input_keys=keys, skipped=skipped)
+
+
+def split_base(method: MergeMethod, base: dict[str, Any] | None,
+               entries: list[tuple[dict[str, Any], dict[str, Any]]], where: str,
+               add_missing_base: bool = True
+               ) -> tuple[dict[str, Any] | None, list[tuple[dict[str, Any], dict[str, Any]]]]:
+    """Apply the method's base policy to (model row, params) entries, as mergekit does.
+
+    Methods with a base read it as the base, never as an input (a base listed
+    among the models is the base). Methods without one treat a base_model as one
+    more input. Returns the base actually read and the inputs, counted against
+    what the method takes.
+    """
+    name = method.name
+    if method.base == "none":
+        if base is not None and add_missing_base and \
+                all(row["model_id"] != base["model_id"] for row, _ in entries):
+            entries = entries + [(base, {})]
+        base = None
+    elif base is not None:
+        for row, params in entries:
+            if row["model_id"] == base["model_id"] and params:
+                raise SpecError(f"{where}: {row['name']!r} is the base model; its parameters "
+                                f"({', '.join(sorted(params))}) have no effect for {name!r}")
+        entries = [(row, p) for row, p in entries if row["model_id"] != base["model_id"]]
+    seen: set[str] = set()
+    for row, _ in entries:
+        if row["model_id"] in seen:
+            raise SpecError(f"{where}: model {row['name']!r} is listed twice")
+        seen.add(row["model_id"])
+    n, what = len(entries), ("models besides the base" if base is not None else "models")
+    if n < method.min_models:
+        raise SpecError(f"{where}: method {name!r} needs at least {method.min_models} {what}, "
+                        f"got {n}")
+    if method.max_models is not None and n > method.max_models:
+        raise SpecError(f"{where}: method {name!r} takes at most {method.max_models} {what}, "
+                        f"got {n}")
+    return base, entries
+
+
+def check_settings(settings: list[dict[str, Any] | None], num_layers: int) -> None:
+    """Per-layer vectors must have one value per layer of the merged model."""
+    for src in settings:
+        for key, value in (src or {}).items():
+            validate_setting(key, value, num_layers)
+
+
+def make_sources(base: dict[str, Any] | None, inputs: list[dict[str, Any]]) -> list[Source]:
+    """The plan's source list: the base first, then each other model once, in order."""
+    out: list[Source] = []
+    ids: list[str] = []
+    for row, role in ([(base, "base")] if base else []) + [(r, "expert") for r in inputs]:
+        if row["model_id"] not in ids:
+            ids.append(row["model_id"])
+            out.append(Source(row["name"], row["model_id"], row["path"], row["fingerprint"], role))
+    return out
+
+
+def side_files(cat: Catalog, model_id: str) -> list[str]:
+    rows = cat.rows(sa.select(schema.files.c.relpath).where(
+        schema.files.c.model_id == model_id, schema.files.c.role.in_(COPY_ROLES)))
+    return sorted(r["relpath"] for r in rows)
+
+
+def out_dtype_code(spec: MergeSpec) -> str | None:
+    spec_out = spec.out_dtype or spec.dtype
+    return dtype_code(spec_out) if spec_out else None
 
 
 def build_exact_plan(cat: Catalog, spec_src: str | Path | dict[str, Any],
@@ -82,86 +223,35 @@ def build_exact_plan(cat: Catalog, spec_src: str | Path | dict[str, Any],
         from mergepipe.planner.slices import build_slice_plan  # frankenmerges
         return build_slice_plan(cat, spec)
     base = resolve_model(cat, spec.base) if spec.base else None
-    inputs = [(m, resolve_model(cat, m.ref)) for m in spec.models]
-    if method.base == "required":
-        # a base listed among the models is the base, not an expert (as in mergekit)
-        inputs = [(m, row) for m, row in inputs if base is None or row["model_id"] != base["model_id"]]
-    elif method.base == "none":
-        base = None
-    for _, row in ([(None, base)] if base else []) + inputs:
+    entries = [(resolve_model(cat, m.ref), m.params) for m in spec.models]
+    base, entries = split_base(method, base, entries, "models")
+    for row in ([base] if base else []) + [row for row, _ in entries]:
         check_fresh(cat, row)
-    layout_model = base or inputs[0][1]
+    layout_model = base or entries[0][0]
     num_layers = layout_model["num_layers"]
-    for m, _ in inputs:
-        for key, value in list(m.params.items()) + list(spec.parameters.items()):
-            if isinstance(value, dict):
-                from mergepipe.planner.params import validate_setting
-                validate_setting(key, value, num_layers)
+    check_settings([p for _, p in entries] + [spec.parameters], num_layers)
 
-    sources: list[Source] = []
-    if base:
-        sources.append(Source(base["name"], base["model_id"], base["path"], base["fingerprint"], "base"))
-    for _, row in inputs:
-        sources.append(Source(row["name"], row["model_id"], row["path"], row["fingerprint"], "expert"))
-    input_srcs = list(range(1 if base else 0, len(sources)))
-    base_tensors = _tensor_map(cat, base["model_id"]) if base else None
-    layout = base_tensors if base_tensors is not None else _tensor_map(cat, layout_model["model_id"])
-    input_tensors = [_tensor_map(cat, row["model_id"]) for _, row in inputs]
-    input_names = [row["name"] for _, row in inputs]
-    spec_out = spec.out_dtype or spec.dtype
-    out_code = dtype_code(spec_out) if spec_out else None
+    sources = make_sources(base, [row for row, _ in entries])
+    src_of = {s.model_id: i for i, s in enumerate(sources)}
+    layout = _tensor_map(cat, layout_model["model_id"])
+    input_tensors = [_tensor_map(cat, row["model_id"]) for row, _ in entries]
+    out_code = out_dtype_code(spec)
 
     tasks: list[TensorTask] = []
     for name, t in sorted(layout.items(), key=lambda kv: (kv[1]["file"], kv[1]["byte_offset"])):
-        shape = tuple(json.loads(t["shape"]))
-        base_read = _read(0, t) if base else None
-        reads, keys, kept_params, skipped = [], [], [], []
-        for k, (m, _) in enumerate(inputs):
-            et = input_tensors[k].get(name)
-            if et is None:
-                raise MergePipeError(f"model {input_names[k]!r} has no tensor {name!r} "
-                                     f"that {layout_model['name']!r} has")
-            if tuple(json.loads(et["shape"])) != shape:
-                raise MergePipeError(f"shape mismatch for {name!r}: {list(shape)} in "
-                                     f"{layout_model['name']!r} but {json.loads(et['shape'])} "
-                                     f"in {input_names[k]!r}")
-            if et["dtype"] != t["dtype"]:
-                raise MergePipeError(f"dtype mismatch for {name!r}: {t['dtype']} in "
-                                     f"{layout_model['name']!r} but {et['dtype']} in "
-                                     f"{input_names[k]!r}")
-        all_params = resolve_params(spec, method, [m.params for m, _ in inputs], input_names,
-                                    name, t["layer"], num_layers)
-        for k, (m, _) in enumerate(inputs):
-            et = input_tensors[k][name]
-            if method.zero_weight_skips and "weight" in all_params and all_params["weight"][k] == 0:
-                skipped.append(input_names[k])
-                continue
-            r = _read(input_srcs[k], et)
-            if base_tensors is not None and et["content_hash"] and \
-                    et["content_hash"] == t["content_hash"]:
-                r.alias_base = True
-            reads.append(r)
-            keys.append(input_names[k])
-            kept_params.append(k)
-        params = {key: ([v[k] for k in kept_params] if key in method.model_params else v)
-                  for key, v in all_params.items()}
-        is_float = t["dtype"] in FLOAT_CODES
-        if method.base == "none" and not reads and is_float:
-            raise SpecError(f"every model has weight 0 for tensor {name!r}")
-        tasks.append(TensorTask(
-            name=name, shape=shape, out_dtype=(out_code if is_float and out_code else t["dtype"]),
-            layer=t["layer"], scope=method.scope_for(params) if is_float else "copy",
-            params=params, base=base_read, inputs=reads if is_float or not base else [],
-            input_keys=keys if is_float or not base else [], skipped=skipped))
-        if not is_float and not base:
-            tasks[-1].inputs, tasks[-1].input_keys = reads[:1], keys[:1]
+        inputs = [InputRef(src_of[row["model_id"]], row["name"],
+                           input_tensor(input_tensors[k], name, row["name"], t,
+                                        layout_model["name"]),
+                           [params, spec.parameters])
+                  for k, (row, params) in enumerate(entries)]
+        layer = t["layer"]
+        pos = 0.0 if layer is None else gradient_t(layer, num_layers)
+        tasks.append(make_task(method, name, layer, pos, t,
+                               (0, t) if base else None, inputs, [spec.parameters], out_code))
 
     shards = assign_shards(tasks, spec.out_shard_size)
-    side = cat.rows(sa.select(schema.files.c.relpath).where(
-        schema.files.c.model_id == layout_model["model_id"],
-        schema.files.c.role.in_(COPY_ROLES)))
     plan = Plan(method=method.name, seed=spec.seed, sources=sources, tasks=tasks, shards=shards,
-                copy_files=sorted(r["relpath"] for r in side), spec=spec.raw)
+                copy_files=side_files(cat, layout_model["model_id"]), spec=spec.raw)
     return plan.finalize()
 
 

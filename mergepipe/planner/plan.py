@@ -90,11 +90,15 @@ class Plan:
     error_bound_kind: str | None = None
     format: int = PLAN_FORMAT
     plan_id: str = ""
+    # keys to change in the copied config.json (e.g. num_hidden_layers of a frankenmerge)
+    config_updates: dict[str, Any] = field(default_factory=dict)
 
     # -- identity -------------------------------------------------------
     def canonical(self) -> dict[str, Any]:
         doc = asdict(self)
         doc.pop("plan_id")
+        if not doc["config_updates"]:  # plans that change no config keep their old ids
+            doc.pop("config_updates")
         return doc
 
     def canonical_json(self) -> str:

@@ -19,6 +19,8 @@ TOP_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_
             "seed", "out_shard_size", "tokenizer_source", "name", "slices"}
 UNSUPPORTED_TOP = {"modules", "tokenizer", "chat_template"}
 MODEL_KEYS = {"model", "parameters"}
+SLICE_KEYS = {"sources", "base_model", "parameters"}
+SOURCE_KEYS = {"model", "layer_range", "parameters"}
 DEFAULT_SHARD = 5 * 10**9
 
 
@@ -26,6 +28,29 @@ DEFAULT_SHARD = 5 * 10**9
 class ModelInput:
     ref: str
     params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SliceSource:
+    """One model's contiguous run of layers inside an output slice."""
+
+    ref: str
+    layer_range: tuple[int, int]
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SliceSpec:
+    """An output slice: the same number of layers from each source, merged."""
+
+    sources: list[SliceSource]
+    base: str | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_layers(self) -> int:
+        a, b = self.sources[0].layer_range
+        return b - a
 
 
 @dataclass
@@ -39,7 +64,7 @@ class MergeSpec:
     seed: int
     out_shard_size: int
     raw: dict[str, Any]
-    slices: list[dict[str, Any]] | None = None
+    slices: list[SliceSpec] | None = None
 
 
 def parse_size(value: Any, what: str = "size") -> int:
@@ -115,18 +140,15 @@ def parse_spec(source: str | Path | dict[str, Any], seed: int | None = None) -> 
         params = m.get("parameters") or {}
         _check_params(method, params, f"models[{i}].parameters", per_model=True)
         models.append(ModelInput(_ref(m["model"], f"models[{i}]"), dict(params)))
-    if raw.get("slices") is None and not models:
+    slices = _parse_slices(method, raw["slices"]) if raw.get("slices") is not None else None
+    if slices is None and not models:
         raise SpecError("spec lists no models")
     parameters = dict(raw.get("parameters") or {})
     _check_params(method, parameters, "parameters", per_model=False)
     base = _ref(raw["base_model"], "base_model") if raw.get("base_model") else None
-    if method.base == "required" and base is None:
+    if method.base == "required" and base is None and \
+            (slices is None or any(s.base is None for s in slices)):
         raise SpecError(f"method {method.name!r} needs a base_model")
-    n = len(models)
-    if models and n < method.min_models:
-        raise SpecError(f"method {method.name!r} needs at least {method.min_models} models, got {n}")
-    if models and method.max_models is not None and n > method.max_models:
-        raise SpecError(f"method {method.name!r} takes at most {method.max_models} models, got {n}")
     spec_seed = raw.get("seed", 0) if seed is None else seed
     try:
         spec_seed = int(spec_seed)
@@ -136,16 +158,68 @@ def parse_spec(source: str | Path | dict[str, Any], seed: int | None = None) -> 
         method=method, base=base, models=models, parameters=parameters,
         dtype=raw.get("dtype"), out_dtype=raw.get("out_dtype"), seed=spec_seed,
         out_shard_size=parse_size(raw.get("out_shard_size", DEFAULT_SHARD), "out_shard_size"),
-        raw=raw, slices=raw.get("slices"))
+        raw=raw, slices=slices)
+
+
+def _parse_slices(method: MergeMethod, value: Any) -> list[SliceSpec]:
+    if not isinstance(value, list) or not value:
+        raise SpecError("slices: expected a non-empty list of {sources: [...]}")
+    out = []
+    for i, sl in enumerate(value):
+        where = f"slices[{i}]"
+        if not isinstance(sl, dict) or "sources" not in sl:
+            raise SpecError(f"{where}: expected a mapping with 'sources'")
+        extra = set(sl) - SLICE_KEYS
+        if extra:
+            key = sorted(extra)[0]
+            why = " (mergekit accepts it but ignores it)" if key == "residual_weight" else ""
+            raise SpecError(f"{where}: unsupported key {key!r}{why}")
+        params = sl.get("parameters") or {}
+        _check_params(method, params, f"{where}.parameters", per_model=False)
+        if not isinstance(sl["sources"], list) or not sl["sources"]:
+            raise SpecError(f"{where}.sources: expected a non-empty list")
+        sources = [_parse_source(method, src, f"{where}.sources[{j}]")
+                   for j, src in enumerate(sl["sources"])]
+        lengths = {b - a for a, b in (s.layer_range for s in sources)}
+        if len(lengths) != 1:
+            raise SpecError(f"{where}: every source must span the same number of layers, got "
+                            f"{[list(s.layer_range) for s in sources]}")
+        base = _ref(sl["base_model"], f"{where}.base_model") if sl.get("base_model") else None
+        out.append(SliceSpec(sources, base, dict(params)))
+    return out
+
+
+def _parse_source(method: MergeMethod, src: Any, where: str) -> SliceSource:
+    if not isinstance(src, dict) or "model" not in src or "layer_range" not in src:
+        raise SpecError(f"{where}: expected a mapping with 'model' and 'layer_range'")
+    extra = set(src) - SOURCE_KEYS
+    if extra:
+        raise SpecError(f"{where}: unknown key {sorted(extra)[0]!r}")
+    lr = src["layer_range"]
+    if not (isinstance(lr, list) and len(lr) == 2 and all(isinstance(v, int) and
+                                                          not isinstance(v, bool) for v in lr)
+            and 0 <= lr[0] < lr[1]):
+        raise SpecError(f"{where}.layer_range: expected [start, end) with 0 <= start < end, "
+                        f"got {lr!r}")
+    params = src.get("parameters") or {}
+    _check_params(method, params, f"{where}.parameters", per_model=True)
+    return SliceSource(_ref(src["model"], where), (lr[0], lr[1]), dict(params))
 
 
 def _check_params(method: MergeMethod, params: Any, where: str, per_model: bool) -> None:
+    """Names and shapes of settings; one model's own block takes per-model parameters only.
+
+    mergekit reads a merge-wide parameter (``normalize``, ``t``, ...) only from
+    slice or top-level ``parameters`` and silently drops it from a model's
+    block; MergePipe says so instead.
+    """
     if not isinstance(params, dict):
         raise SpecError(f"{where}: expected a mapping of parameters")
     allowed = set(method.model_params) | (set() if per_model else set(method.global_params))
-    if per_model:
-        allowed |= set(method.global_params)  # mergekit lets these appear per model too
     for key, value in params.items():
+        if per_model and key in method.global_params:
+            raise SpecError(f"{where}: {key!r} applies to the whole merge, not to one model; "
+                            f"set it under the top-level (or slice) 'parameters'")
         if key not in allowed:
             raise SpecError(f"{where}: unknown parameter {key!r} for method {method.name!r}"
                             f" (known: {', '.join(sorted(allowed)) or 'none'})")
