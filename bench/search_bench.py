@@ -1,0 +1,134 @@
+"""Bench the search layer: every algorithm × seeds at one evaluation budget on a tiny world.
+
+For each (algorithm, seed) a full search runs through the same coordinator the
+CLI uses (real merges, real evaluations, N worker processes) and the bench
+reports hypervolume median and IQR, wall time and worker utilisation
+(busy / (workers × wall)). A second block reruns AP-BMM and synchronous qLogNEHVI
+with each evaluation's time stretched by a heavy-tailed Pareto(α) factor — an
+emulation of the evaluation-time variance of large models, where a sync batch
+waits for its slowest member.
+
+    python bench/search_bench.py                       # the full bench (slow on a laptop)
+    python bench/search_bench.py --seeds 2 --n-total 16 --limit 40   # a reduced one
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from mergepipe.catalog.store import open_catalog
+from mergepipe.search import store
+from mergepipe.search.algorithms import ALGORITHMS
+from mergepipe.search.config import SearchConfig
+from mergepipe.search.coordinator import SearchRun
+from mergepipe.search.harvest import write_plots
+from mergepipe.search.plots import hypervolume_plot, series_from_trials
+from mergepipe.search.report import finished_points, summarise
+
+
+def quartiles(v: list[float]) -> tuple[float, float, float]:
+    if len(v) == 1:
+        return v[0], v[0], v[0]
+    q = statistics.quantiles(v, n=4, method="inclusive")
+    return q[0], statistics.median(v), q[2]
+
+
+def run_one(cat, home: Path, world: Path, algorithm: str, seed: int, args: argparse.Namespace,
+            stretch: float | None = None) -> dict:
+    cfg = SearchConfig(base=str(world / "base"), reasoning=str(world / "reasoning"),
+                       tasks=[str(world / "test.jsonl")], algorithm=algorithm,
+                       n_init=args.n_init, n_total=args.n_total, workers=args.workers, seed=seed,
+                       limit=args.limit, group_size=args.group_size, stretch_alpha=stretch,
+                       probe=str(world / "train.jsonl"))
+    sid = store.create_search(cat, algorithm, cfg.to_json())
+    t0 = time.time()
+    summary = SearchRun(cat, sid, home, progress=args.progress).run()
+    summary["bench_wall_s"] = time.time() - t0
+    summary["seed"], summary["stretch_alpha"] = seed, stretch
+    print(json.dumps({k: summary[k] for k in ("algorithm", "seed", "stretch_alpha", "trials",
+                                              "hypervolume", "wall_s", "utilisation")}),
+          file=sys.stderr, flush=True)
+    return summary
+
+
+def table(rows: list[dict], label: str) -> list[str]:
+    out = [f"### {label}", "",
+           "| algorithm | runs | HV median | HV IQR | wall s (median) | utilisation (median) |",
+           "|---|---|---|---|---|---|"]
+    by_alg: dict[str, list[dict]] = {}
+    for r in rows:
+        by_alg.setdefault(r["algorithm"], []).append(r)
+    for alg, rs in by_alg.items():
+        q1, med, q3 = quartiles([r["hypervolume"] for r in rs])
+        out.append(f"| {alg} | {len(rs)} | {med:.4f} | {q1:.4f}–{q3:.4f} | "
+                   f"{statistics.median(r['wall_s'] for r in rs):.1f} | "
+                   f"{statistics.median(r['utilisation'] for r in rs):.0%} |")
+    return out + [""]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--world", default="default", help="tiny world size (test | default)")
+    ap.add_argument("--algorithms", default=",".join(ALGORITHMS))
+    ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--n-init", type=int, default=8)
+    ap.add_argument("--n-total", type=int, default=40)
+    ap.add_argument("--workers", type=int, default=4)
+    ap.add_argument("--limit", type=int, default=None, help="test problems per evaluation")
+    ap.add_argument("--group-size", type=int, default=1)
+    ap.add_argument("--stretch-alpha", type=float, default=1.5,
+                    help="Pareto α of the emulated evaluation-time stretch (0: skip that block)")
+    ap.add_argument("--stretch-seeds", type=int, default=1)
+    ap.add_argument("--home", default="bench/out/search-ws")
+    ap.add_argument("--out", default="bench/out")
+    ap.add_argument("--progress", action="store_true")
+    args = ap.parse_args()
+
+    torch.set_num_threads(1)
+    from mergepipe.world.build import ensure_world
+    world = ensure_world(args.world)
+    home, out = Path(args.home).resolve(), Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    results, stretched = [], []
+    with open_catalog(home) as cat:
+        for alg in args.algorithms.split(","):
+            for seed in range(args.seeds):
+                results.append(run_one(cat, home, world, alg, seed, args))
+        if args.stretch_alpha:
+            for alg in ("apbmm", "sync-qnehvi"):
+                for seed in range(args.stretch_seeds):
+                    stretched.append(run_one(cat, home, world, alg, seed, args,
+                                             stretch=args.stretch_alpha))
+        best = max((r for r in results if r["algorithm"] == "apbmm"),
+                   key=lambda r: r["hypervolume"], default=None)
+        if best:
+            write_plots(cat, best["search_id"], str(out / "search_pareto.png"),
+                        str(out / "search_hv.png"))
+        if stretched:
+            series = {f"{r['algorithm']} (seed {r['seed']})": series_from_trials(
+                finished_points(store.trials(cat, r["search_id"]))) for r in stretched}
+            hypervolume_plot(series, out / "search_hv_stretched.png",
+                             f"heavy-tailed evaluation times (Pareto α={args.stretch_alpha}), "
+                             f"emulated")
+        final = [summarise(cat, r["search_id"]) for r in results + stretched]
+    lines = [f"world={args.world} workers={args.workers} budget={args.n_init}+"
+             f"{args.n_total - args.n_init} seeds={args.seeds} limit={args.limit} "
+             f"group_size={args.group_size}", ""]
+    lines += table(results, "natural evaluation times")
+    if stretched:
+        lines += table(stretched, f"evaluation times × Pareto(α={args.stretch_alpha}) factor "
+                                  f"(emulation of large-model evaluation variance)")
+    text = "\n".join(lines)
+    print(text)
+    (out / "search_bench.md").write_text(text + "\n")
+    (out / "search_bench.json").write_text(json.dumps(final, default=str, indent=1))
+
+
+if __name__ == "__main__":
+    main()
