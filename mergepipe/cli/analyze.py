@@ -3,11 +3,8 @@ from __future__ import annotations
 
 import click
 
-from mergepipe.catalog.stats import DEFAULT_BLOCK_BYTES, analyze as analyze_stats
 from mergepipe.cli import cli
 from mergepipe.cli.common import echo_json, human_bytes, stderr_progress
-from mergepipe.planner.build import resolve_model
-from mergepipe.planner.spec import parse_size
 
 
 @cli.command()
@@ -26,7 +23,10 @@ def analyze(ws, experts: tuple[str, ...], base: str, block_size: str, force: boo
     are current are skipped; a model whose files changed is re-registered and
     re-analysed.
     """
-    block_bytes = parse_size(block_size, "block size") if block_size else DEFAULT_BLOCK_BYTES
+    from mergepipe.catalog.stats import analyze as analyze_stats  # torch: only when used
+    from mergepipe.planner.build import resolve_model
+    from mergepipe.planner.spec import parse_size
+    block_bytes = parse_size(block_size, "block size")
     with ws.open() as cat:
         base_row = resolve_model(cat, base)
         rows = [resolve_model(cat, e) for e in experts]

@@ -1,0 +1,139 @@
+"""Shared measuring tools for the benchmarks: cold caches, per-process cost, output diffs.
+
+Every tool under test runs as its own subprocess so that its wall time, peak
+RSS (``wait4`` rusage of that child alone) and physical bytes read (the
+child's ``/proc`` I/O counters, which Linux folds into the parent's when the
+child is reaped) are measured the same way for MergePipe and for mergekit.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def drop_cache(*dirs: Path) -> None:
+    """Evict the files under ``dirs`` from the page cache so the next read is physical."""
+    for d in dirs:
+        for p in Path(d).rglob("*"):
+            if p.is_file():
+                fd = os.open(p, os.O_RDONLY)
+                try:
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                finally:
+                    os.close(fd)
+
+
+def _proc_io() -> dict[str, int]:
+    out = {}
+    for line in Path("/proc/self/io").read_text().splitlines():
+        k, v = line.split(":")
+        out[k.strip()] = int(v)
+    return out
+
+
+def run_measured(cmd: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run ``cmd`` and return its wall time, peak RSS, physical reads/writes and output."""
+    full_env = {**os.environ, **(env or {})}
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        before = _proc_io()
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=full_env)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - t0
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        after = _proc_io()
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read().decode(errors="replace"), err.read().decode(errors="replace")
+    res = {"cmd": " ".join(cmd), "rc": proc.returncode, "wall_s": wall,
+           "peak_rss": usage.ru_maxrss * 1024,
+           "read_bytes": after["read_bytes"] - before["read_bytes"],
+           "rchar": after["rchar"] - before["rchar"],
+           "write_bytes": after["write_bytes"] - before["write_bytes"],
+           "stdout": stdout}
+    if proc.returncode != 0:
+        raise RuntimeError(f"{res['cmd']} failed ({proc.returncode}):\n{stderr[-3000:]}")
+    return res
+
+
+def merge_config(method: str, base: Path, experts: list[Path], **params: Any) -> str:
+    """One YAML config that both mergekit and MergePipe accept, float32 for exact comparison."""
+    lines = [f"merge_method: {method}", f"base_model: {Path(base).resolve()}", "dtype: float32",
+             "models:"]
+    for e in experts:
+        lines.append(f"  - model: {Path(e).resolve()}")
+        lines.append("    parameters: {" + ", ".join(f"{k}: {v}" for k, v in params.items()) + "}")
+    return "\n".join(lines) + "\n"
+
+
+def mergepipe_cmd(home: Path, *args: str) -> list[str]:
+    return ["mergepipe", "--home", str(home), *map(str, args)]
+
+
+def mergekit_cmd(config: Path, out: Path) -> list[str]:
+    return ["mergekit-yaml", str(config), str(out), "--quiet"]
+
+
+MERGEKIT_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+
+def _tensor_files(d: Path) -> dict[str, Path]:
+    index = d / "model.safetensors.index.json"
+    if index.exists():
+        return {n: d / f for n, f in json.loads(index.read_text())["weight_map"].items()}
+    files = sorted(d.glob("*.safetensors"))
+    out = {}
+    for f in files:
+        with safe_open(f, "pt") as h:
+            out.update({n: f for n in h.keys()})
+    return out
+
+
+def compare_models(a: Path, b: Path, base: Path | None = None) -> dict[str, float]:
+    """Frobenius distance and max-abs difference of two checkpoints, tensor by tensor.
+
+    With ``base``, also the norm of ``a − base`` (the merged task vector), the
+    natural scale for how much of a merge's change a deviation represents.
+    """
+    fa, fb = _tensor_files(Path(a)), _tensor_files(Path(b))
+    fbase = _tensor_files(Path(base)) if base else {}
+    diff_sq = norm_sq = delta_sq = 0.0
+    max_abs = 0.0
+    for name, path in fa.items():
+        with safe_open(path, "pt") as ha, safe_open(fb[name], "pt") as hb:
+            x = ha.get_tensor(name).double()
+            y = hb.get_tensor(name).double()
+        d = x - y
+        diff_sq += float((d * d).sum())
+        norm_sq += float((x * x).sum())
+        max_abs = max(max_abs, float(d.abs().max()) if d.numel() else 0.0)
+        if name in fbase:
+            with safe_open(fbase[name], "pt") as hc:
+                z = hc.get_tensor(name).double()
+            delta_sq += float(((x - z) ** 2).sum())
+    return {"fro_diff": math.sqrt(diff_sq), "fro_ref": math.sqrt(norm_sq),
+            "rel_dev": math.sqrt(diff_sq / norm_sq) if norm_sq else 0.0,
+            "delta_fro": math.sqrt(delta_sq), "max_abs": max_abs}
+
+
+def dir_bytes(*dirs: Path) -> int:
+    return sum(p.stat().st_size for d in dirs for p in Path(d).rglob("*.safetensors"))
+
+
+def gib(n: float) -> str:
+    return f"{n / 2**30:.2f}"
+
+
+def torch_threads() -> int:
+    return torch.get_num_threads()
