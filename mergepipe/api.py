@@ -80,7 +80,15 @@ def apply_plan(cat: Catalog, plan: Plan, out: str | Path, name: str | None = Non
     if existing is not None:
         return existing
     inserted = getattr(plan, "stored_now", False)
-    ticket = begin_run(cat, plan, out, overwrite=overwrite, plan_inserted=inserted, device=device)
+    try:
+        ticket = begin_run(cat, plan, out, overwrite=overwrite, plan_inserted=inserted,
+                           device=device)
+    except BaseException:
+        if inserted:
+            from mergepipe.catalog import schema
+            cat.execute(schema.plans.delete().where(schema.plans.c.plan_id == plan.plan_id))
+        _forget_fresh_models(cat, [])
+        raise
     try:
         report = execute_plan(plan, ticket.staging, device=device, block_bytes=block_bytes,
                               allow_nonfinite=allow_nonfinite, progress=progress)
