@@ -37,6 +37,10 @@ def new_id() -> str:
 def catalog_url(home: str | Path | None = None, url: str | None = None) -> str:
     """Resolve the catalog URL: an explicit URL wins, else DIR/catalog.duckdb."""
     if url:
+        if url.startswith("postgresql://"):
+            import importlib.util
+            if importlib.util.find_spec("psycopg") is None and importlib.util.find_spec("psycopg2"):
+                url = "postgresql+psycopg2://" + url[len("postgresql://"):]
         return url
     home_dir = Path(home).expanduser() if home else Path(
         os.environ.get("MERGEPIPE_HOME", str(DEFAULT_HOME))).expanduser()
