@@ -46,6 +46,7 @@ def run_measured(cmd: list[str], env: dict[str, str] | None = None) -> dict[str,
     """Run ``cmd`` and return its wall time, peak RSS, physical reads/writes and output."""
     full_env = {**os.environ, **(env or {})}
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        load = os.getloadavg()[0]
         before = _proc_io()
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=full_env)
@@ -61,7 +62,7 @@ def run_measured(cmd: list[str], env: dict[str, str] | None = None) -> dict[str,
            "read_bytes": after["read_bytes"] - before["read_bytes"],
            "rchar": after["rchar"] - before["rchar"],
            "write_bytes": after["write_bytes"] - before["write_bytes"],
-           "stdout": stdout}
+           "loadavg_1m": load, "stdout": stdout}
     if proc.returncode != 0:
         raise RuntimeError(f"{res['cmd']} failed ({proc.returncode}):\n{stderr[-3000:]}")
     return res

@@ -14,10 +14,8 @@ the models it is given, so a changed file is noticed and its stats recomputed.
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import sqlalchemy as sa
@@ -27,7 +25,8 @@ from tqdm import tqdm
 from mergepipe.catalog import schema
 from mergepipe.catalog.register import register_model
 from mergepipe.catalog.store import Catalog, now
-from mergepipe.errors import BadCheckpointError, MergePipeError
+from mergepipe.errors import MergePipeError
+from mergepipe.planner.plan import Read, Source
 from mergepipe.safetensors_format import FLOAT_CODES, torch_dtype
 
 DEFAULT_BLOCK_BYTES = 1 << 20
@@ -87,37 +86,15 @@ def load_block_stats(cat: Catalog, expert_ids: list[str],
     return out
 
 
-class _Files:
-    """Positional reads with a byte count; one fd per file."""
-
-    def __init__(self) -> None:
-        self.fds: dict[Path, int] = {}
-        self.bytes_read = 0
-
-    def read(self, path: Path, offset: int, nbytes: int) -> bytearray:
-        if path not in self.fds:
-            self.fds[path] = os.open(path, os.O_RDONLY)
-        buf = bytearray(nbytes)
-        view, got = memoryview(buf), 0
-        while got < nbytes:
-            n = os.preadv(self.fds[path], [view[got:]], offset + got)
-            if n == 0:
-                raise BadCheckpointError(f"{path}: file is truncated (wanted bytes up to "
-                                         f"{offset + nbytes})")
-            got += n
-        self.bytes_read += nbytes
-        return buf
-
-    def close(self) -> None:
-        for fd in self.fds.values():
-            os.close(fd)
-        self.fds.clear()
-
-
 def _as_float(buf: bytearray, dtype: str) -> torch.Tensor:
     if not buf:
         return torch.zeros(0)
     return torch.frombuffer(buf, dtype=torch_dtype(dtype)).to(torch.float32)
+
+
+def _read(src: int, t: dict[str, Any]) -> Read:
+    return Read(src=src, file=t["file"], offset=t["byte_offset"], nbytes=t["byte_length"],
+                dtype=t["dtype"])
 
 
 def _tensor_pairs(cat: Catalog, expert: dict[str, Any],
@@ -175,10 +152,12 @@ def analyze(cat: Catalog, experts: list[dict[str, Any]], base: dict[str, Any],
                f"against {base['name']} (block size {block_bytes} bytes)")
     base_tensors = {r["name"]: r for r in cat.model_tensors(base["model_id"])}
     pairs = [{bt["name"]: et for bt, et in _tensor_pairs(cat, e, base_tensors)} for e in pending]
-    files = _Files()
+    # the engine's reader: same positional reads, same byte accounting
+    from mergepipe.engine.reader import BlockReader
+    reader = BlockReader([Source(m["name"], m["model_id"], m["path"], m["fingerprint"], role)
+                          for m, role in [(base, "base")] + [(e, "expert") for e in pending]])
     rows: list[list[dict[str, Any]]] = [[] for _ in pending]
     walls = [0.0] * len(pending)
-    reads = [0] * len(pending)
     total = sum(et["byte_length"] for p in pairs for et in p.values())
     bar = tqdm(total=total, unit="B", unit_scale=True, desc="analyze", disable=not progress)
     try:
@@ -190,32 +169,30 @@ def analyze(cat: Catalog, experts: list[dict[str, Any]], base: dict[str, Any],
             shape = tuple(json.loads(bt["shape"]))
             rows_n = shape[0] if shape else 1
             row_bytes = bt["byte_length"] // rows_n if rows_n else 0
+            base_read = _read(0, bt)
             for block, (a, b) in enumerate(block_ranges(shape, bt["byte_length"], block_bytes)):
                 n = (b - a) * row_bytes
-                base_f = _as_float(files.read(Path(base["path"]) / bt["file"],
-                                              bt["byte_offset"] + a * row_bytes, n), bt["dtype"])
+                base_f = _as_float(reader.raw(base_read, a * row_bytes, n), bt["dtype"])
                 base_l2 = float(torch.linalg.vector_norm(base_f, dtype=torch.float64))
                 for k in users:
                     t1 = time.perf_counter()
                     et = pairs[k][bt["name"]]
-                    off = et["byte_offset"] + a * row_bytes
-                    x = _as_float(files.read(Path(pending[k]["path"]) / et["file"], off, n),
-                                  et["dtype"])
+                    x = _as_float(reader.raw(_read(k + 1, et), a * row_bytes, n), et["dtype"])
                     delta = x.sub_(base_f)
                     rows[k].append(dict(
                         expert_model_id=pending[k]["model_id"], base_model_id=base["model_id"],
                         tensor=bt["name"], block=block, row_start=a, row_end=b,
-                        byte_offset=off, byte_length=n,
+                        byte_offset=et["byte_offset"] + a * row_bytes, byte_length=n,
                         delta_l2=float(torch.linalg.vector_norm(delta, dtype=torch.float64)),
                         delta_maxabs=float(delta.abs().max()) if delta.numel() else 0.0,
                         base_l2=base_l2))
-                    reads[k] += n
                     walls[k] += time.perf_counter() - t1
                     bar.update(n)
     finally:
-        files.close()
+        reader.close()
         bar.close()
-    report.bytes_read = files.bytes_read
+    reads = reader.bytes_read[1:]
+    report.bytes_read = sum(reader.bytes_read)
     _store(cat, pending, base, rows, block_bytes, reads, walls)
     report.analyzed = [e["name"] for e in pending]
     report.blocks = sum(len(r) for r in rows)
