@@ -1,1 +1,9 @@
-"""evaluate stage."""
+"""Evaluation: JSONL tasks, an answer-extraction rule, and pluggable generation backends."""
+from mergepipe.evaluate.answers import extract_answer, is_correct, normalize
+from mergepipe.evaluate.backend import Backend, Generation, load_backend
+from mergepipe.evaluate.runner import EvalResult, evaluate_model, run_task
+from mergepipe.evaluate.tasks import Task, TaskItem, load_task, resolve_task
+
+__all__ = ["extract_answer", "is_correct", "normalize", "Backend", "Generation", "load_backend",
+           "EvalResult", "evaluate_model", "run_task", "Task", "TaskItem", "load_task",
+           "resolve_task"]

@@ -1,0 +1,106 @@
+"""World, evaluation and demo commands: `mergepipe world build`, `eval`, `demo`."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import click
+
+from mergepipe.cli import cli
+from mergepipe.cli.common import echo_json, table
+from mergepipe.errors import MergePipeError
+
+
+@cli.group()
+def world() -> None:
+    """The tiny reasoning world: a base / reasoning model pair built on the CPU."""
+
+
+@world.command("build")
+@click.option("--size", type=click.Choice(["test", "default"]), default="default",
+              show_default=True, help="test: seconds, for tests; default: minutes, for demos.")
+@click.option("--dir", "dest", type=click.Path(file_okay=False),
+              help="Copy the world here (DIR/base, DIR/reasoning, DIR/train.jsonl, DIR/test.jsonl).")
+@click.option("--rebuild", is_flag=True, help="Train again even if the cache holds this recipe.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def world_build(size: str, dest: str | None, rebuild: bool, as_json: bool) -> None:
+    """Build (or reuse from the cache) the world of the given size.
+
+    Fixed seeds and thread counts make every build of a recipe byte-identical,
+    so the cache under ~/.cache/mergepipe/world ($MERGEPIPE_CACHE) is keyed by
+    the recipe and reused.
+    """
+    from mergepipe.world import copy_world, obtain_world
+    path, timings = obtain_world(size, log=not as_json, rebuild=rebuild)
+    where = path
+    if dest:
+        copy_world(path, Path(dest))
+        where = Path(dest).resolve()
+    out = {"size": size, "dir": str(where), "cache": str(path), "built": bool(timings),
+           **{k: round(v, 2) for k, v in timings.items()}}
+    if as_json:
+        echo_json(out)
+        return
+    how = f"built in {timings['total_s']:.1f}s" if timings else "reused from cache"
+    click.echo(f"world {size} {how}: {where}")
+    for name in ("base", "reasoning", "train.jsonl", "test.jsonl"):
+        click.echo(f"  {where / name}")
+
+
+@cli.command("eval")
+@click.argument("model")
+@click.option("--task", required=True, help="A JSONL file of {prompt, answer}, or a built-in "
+              "name: world[-SIZE][:SPLIT] (e.g. world, world-test, world:train).")
+@click.option("--limit", type=int, help="Evaluate only the first N items.")
+@click.option("--backend", type=click.Choice(["transformers", "vllm"]), default="transformers",
+              show_default=True)
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, or auto.")
+@click.option("--max-new-tokens", type=int, default=128, show_default=True)
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--show", type=int, default=0, help="Also print the first N completions.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.pass_obj
+def eval_cmd(ws, model: str, task: str, limit: int | None, backend: str, device: str,
+             max_new_tokens: int, batch_size: int, show: int, as_json: bool) -> None:
+    """Score MODEL (a catalog name or a model directory) on a task and record it.
+
+    Greedy decoding; accuracy is exact match of the extracted final answer
+    (the number after the last `####`, else the last number), tokens are
+    generated tokens including EOS. Results go to the catalog's evaluations
+    table (see `mergepipe sql "SELECT * FROM evaluations_view"`).
+    """
+    from mergepipe import api
+    from mergepipe.evaluate import evaluate_model, resolve_task
+    t = resolve_task(task, log=not as_json).head(limit)
+    with ws.open() as cat:
+        row = api.resolve_model(cat, model)
+        res = evaluate_model(row["path"], t, device=device, max_new_tokens=max_new_tokens,
+                             backend=backend, batch_size=batch_size)
+        cat.record_evaluation(row["model_id"], res.task, res.metrics(), res.n, res.backend,
+                              split=res.split, wall_s=res.wall_s)
+    out = {"model": row["name"], **res.summary()}
+    if as_json:
+        echo_json(out)
+        return
+    table([out], ["model", "task", "split", "n", "accuracy", "mean_tokens", "wall_s", "backend"])
+    for o in res.outputs[:show]:
+        mark = "ok " if o["correct"] else "bad"
+        click.echo(f"{mark} {json.dumps(o['prompt'])} -> {json.dumps(o['completion'])} "
+                   f"(answer {o['answer']}, {o['tokens']} tokens)")
+
+
+@cli.command()
+@click.option("--size", type=click.Choice(["test", "default"]), default="default",
+              show_default=True, help="Which world to use (test is quicker, less convincing).")
+@click.option("--device", default="auto", show_default=True)
+@click.pass_obj
+def demo(ws, size: str, device: str) -> None:
+    """The main job end to end on the tiny world.
+
+    Builds (or reuses) the world, registers base and reasoning, plans and
+    applies a layer-wise task-arithmetic merge, evaluates all three on the
+    held-out split, and shows the merged model's lineage with SQL.
+    """
+    from mergepipe.world.demo import run_demo
+    run_demo(ws, size=size, device=device, echo=click.echo)

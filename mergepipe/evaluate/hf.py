@@ -1,0 +1,80 @@
+"""The transformers backend: batched greedy generation on CPU, or CUDA when present.
+
+Prompts are sorted by length before batching so batches need little padding
+(and equal-length prompts none), then results are put back in input order.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from mergepipe.errors import MergePipeError
+from mergepipe.evaluate.backend import Generation
+
+
+def pick_device(device: str | None) -> str:
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise MergePipeError(f"device {device!r} requested but CUDA is not available")
+    return device
+
+
+class TransformersBackend:
+    name = "transformers"
+
+    def __init__(self, model_path: str | Path, device: str | None = None,
+                 batch_size: int = 64):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+        path = Path(model_path)
+        if not (path / "config.json").is_file():
+            raise MergePipeError(f"{path} is not a model directory (no config.json)")
+        self.device = pick_device(device)
+        self.batch_size = max(1, batch_size)
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            self.tok = AutoTokenizer.from_pretrained(path)
+            dtype = torch.float32 if self.device == "cpu" else "auto"
+            self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        except (OSError, ValueError) as exc:
+            raise MergePipeError(f"cannot load model {path}: {str(exc).splitlines()[0]}")
+        finally:
+            hf_logging.set_verbosity(verbosity)
+        self.model.to(self.device).eval()
+        self.tok.padding_side = "left"
+        if self.tok.pad_token_id is None:
+            self.tok.pad_token = self.tok.eos_token
+        eos = self.model.generation_config.eos_token_id
+        if eos is None:
+            eos = self.tok.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos])
+
+    def _count(self, ids: list[int]) -> int:
+        """Generated tokens up to and including the first EOS (padding excluded)."""
+        for i, t in enumerate(ids):
+            if t in self.eos_ids:
+                return i + 1
+        return len(ids)
+
+    @torch.inference_mode()
+    def generate(self, prompts: Sequence[str], max_new_tokens: int) -> list[Generation]:
+        encoded = [self.tok(p)["input_ids"] for p in prompts]
+        order = sorted(range(len(prompts)), key=lambda i: (len(encoded[i]), i))
+        results: list[Generation | None] = [None] * len(prompts)
+        for start in range(0, len(order), self.batch_size):
+            chunk = order[start:start + self.batch_size]
+            batch = self.tok.pad({"input_ids": [encoded[i] for i in chunk]},
+                                 return_tensors="pt").to(self.device)
+            out = self.model.generate(
+                **batch, max_new_tokens=max_new_tokens, do_sample=False,
+                pad_token_id=self.tok.pad_token_id, eos_token_id=sorted(self.eos_ids))
+            width = batch["input_ids"].shape[1]
+            for i, row in zip(chunk, out[:, width:].tolist()):
+                n = self._count(row)
+                text = self.tok.decode(row[:n], skip_special_tokens=True)
+                results[i] = Generation(text=text, tokens=n)
+        return [r for r in results if r is not None]

@@ -1,0 +1,139 @@
+"""Build a world: problems, shared pretraining, two fine-tunes, saved checkpoints.
+
+The pretrained model reads arithmetic text with every amount of written work; `base` is then
+fine-tuned to answer directly and `reasoning` to write every step. Both start
+from the same weights, so the straight line between them is a meaningful family
+of merges (the search layer's setting). Builds are cached by recipe key and
+written to a staging directory first, so an interrupted build leaves nothing.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import random
+import shutil
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from mergepipe.world.problems import Problem, sample, write_jsonl
+from mergepipe.world.recipe import WorldRecipe, recipe_for
+from mergepipe.world.tokenizer import build_tokenizer
+from mergepipe.world.train import Example, encode, new_model, train
+
+WORLD_FILES = ("base", "reasoning", "train.jsonl", "test.jsonl", "world.json")
+
+
+def cache_root() -> Path:
+    env = os.environ.get("MERGEPIPE_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "mergepipe"
+
+
+def split_problems(recipe: WorldRecipe) -> tuple[list[Problem], list[Problem]]:
+    """Held-out test problems first, then training problems that avoid them."""
+    test = sample(random.Random(recipe.seed + 1), recipe.n_test,
+                  recipe.min_steps, recipe.max_steps)
+    train_set = sample(random.Random(recipe.seed + 2), recipe.n_train, recipe.min_steps,
+                       recipe.max_steps, exclude={p.expression for p in test})
+    return train_set, test
+
+
+def pretraining_text(problems: list[Problem], seed: int) -> list[Example]:
+    """Arithmetic text: each problem solved with a random amount of written work
+    (none, some, or all steps), with loss on the whole sequence."""
+    rng = random.Random(seed)
+    return [Example(p.prompt, p.partial(rng.randint(0, p.steps)), full=True)
+            for p in problems for _ in range(2)]
+
+
+@contextmanager
+def _fixed_numerics(threads: int) -> Iterator[None]:
+    """Pin the thread count (reductions split by thread) and flush denormals
+    (tiny AdamW updates otherwise hit slow CPU paths); restore both after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(False)
+        torch.set_num_threads(before)
+
+
+def build_world(recipe: WorldRecipe, out: Path, log: bool = False) -> dict:
+    """Build into `out` (created fresh via a staging directory); returns timings."""
+    out = Path(out)
+    stage = out.with_name(out.name + f".staging-{os.getpid()}")
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir(parents=True)
+    t0 = time.perf_counter()
+    timings: dict[str, float] = {}
+    with _fixed_numerics(recipe.threads):
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        tok = build_tokenizer()
+        train_set, test = split_problems(recipe)
+        write_jsonl(train_set, stage / "train.jsonl")
+        write_jsonl(test, stage / "test.jsonl")
+        model = new_model(recipe, tok)
+        pad = tok.pad_token_id
+        losses = train(model, encode(tok, pretraining_text(train_set, recipe.seed + 3)), recipe.pretrain_steps,
+                       recipe.pretrain_lr, recipe.batch_size, recipe.seed, pad)
+        timings["pretrain_s"] = time.perf_counter() - t0
+        if log:
+            print(f"pretrain: {recipe.pretrain_steps} steps, loss {losses[-1]:.3f}, "
+                  f"{timings['pretrain_s']:.1f}s", file=sys.stderr, flush=True)
+        styles = {"base": Problem.direct, "reasoning": Problem.reasoning}
+        for i, (name, style) in enumerate(styles.items()):
+            t1 = time.perf_counter()
+            tuned = copy.deepcopy(model)
+            data = encode(tok, [Example(p.prompt, style(p)) for p in train_set])
+            losses = train(tuned, data, recipe.finetune_steps, recipe.finetune_lr,
+                           recipe.batch_size, recipe.seed + 10 + i, pad)
+            tuned.save_pretrained(stage / name, safe_serialization=True)
+            tok.save_pretrained(stage / name)
+            timings[f"{name}_s"] = time.perf_counter() - t1
+            if log:
+                print(f"{name}: {recipe.finetune_steps} steps, loss {losses[-1]:.3f}, "
+                      f"{timings[f'{name}_s']:.1f}s", file=sys.stderr, flush=True)
+    (stage / "world.json").write_text(json.dumps(
+        {"key": recipe.key(), "recipe": asdict(recipe)}, indent=1, sort_keys=True) + "\n")
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(stage, out)
+    timings["total_s"] = time.perf_counter() - t0
+    return timings
+
+
+def obtain_world(size: str = "default", log: bool = False,
+                 rebuild: bool = False) -> tuple[Path, dict[str, float]]:
+    """The cached world for `size` and the build timings (empty when reused)."""
+    recipe = recipe_for(size)
+    path = cache_root() / "world" / recipe.key()
+    if rebuild or not (path / "world.json").exists():
+        if log:
+            print(f"building the {size} world into {path} (cached for next time)", file=sys.stderr, flush=True)
+        return path, build_world(recipe, path, log=log)
+    return path, {}
+
+
+def ensure_world(size: str = "default", log: bool = False) -> Path:
+    """The cached world for `size`, built on first use."""
+    return obtain_world(size, log=log)[0]
+
+
+def copy_world(src: Path, dest: Path) -> None:
+    """Materialise a cached world at a user-chosen directory."""
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in WORLD_FILES:
+        s, d = src / name, dest / name
+        if s.is_dir():
+            shutil.rmtree(d, ignore_errors=True)
+            shutil.copytree(s, d)
+        else:
+            shutil.copy2(s, d)

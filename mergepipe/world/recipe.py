@@ -1,0 +1,63 @@
+"""What a world is made of: one frozen dataclass per size, hashed for the cache.
+
+Everything that changes the checkpoints' bytes is a field here, so the recipe
+hash (plus library versions and the builder's source) names a cache entry.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import tokenizers
+import torch
+import transformers
+
+
+@dataclass(frozen=True)
+class WorldRecipe:
+    size: str
+    seed: int = 1234
+    # model
+    hidden: int = 128
+    layers: int = 4
+    heads: int = 4
+    intermediate: int = 256
+    max_positions: int = 128
+    # problems (steps = number of + / - operations)
+    min_steps: int = 1
+    max_steps: int = 6
+    n_train: int = 20000
+    n_test: int = 300
+    # shared pretraining on arithmetic text, then two fine-tunes
+    pretrain_steps: int = 1500
+    pretrain_lr: float = 3e-3
+    finetune_steps: int = 300
+    finetune_lr: float = 1e-3
+    batch_size: int = 64
+    threads: int = 2
+
+    def key(self) -> str:
+        """Cache key: recipe fields, builder source and library versions."""
+        h = hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode())
+        for path in sorted(Path(__file__).parent.glob("*.py")):
+            h.update(path.name.encode() + path.read_bytes())
+        for mod in (torch, transformers, tokenizers):
+            h.update(f"{mod.__name__}={mod.__version__}".encode())
+        return f"{self.size}-{h.hexdigest()[:12]}"
+
+
+SIZES: dict[str, WorldRecipe] = {
+    "test": WorldRecipe(size="test", hidden=64, layers=2, heads=4, intermediate=128,
+                        max_steps=4, n_train=4000, n_test=100,
+                        pretrain_steps=250, finetune_steps=80, batch_size=32),
+    "default": WorldRecipe(size="default"),
+}
+
+
+def recipe_for(size: str, **overrides: object) -> WorldRecipe:
+    from mergepipe.errors import MergePipeError
+    if size not in SIZES:
+        raise MergePipeError(f"unknown world size {size!r}; choose one of {', '.join(SIZES)}")
+    return replace(SIZES[size], **overrides) if overrides else SIZES[size]

@@ -1,0 +1,154 @@
+"""The tiny reasoning world: reproducible, loadable, mergeable, and a real trade-off."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mergepipe.world import build_world, recipe_for
+from mergepipe.world.build import split_problems
+from mergepipe.world.problems import random_problem, sample
+from mergepipe.world.tokenizer import build_tokenizer
+
+sys.path.insert(0, str(Path(__file__).parent))
+from world_fixtures import test_world_dir  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def world() -> Path:
+    return test_world_dir()
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_rebuild_gives_byte_identical_checkpoints(world, tmp_path):
+    again = tmp_path / "again"
+    build_world(recipe_for("test"), again)
+    first, second = _files(world), _files(again)
+    assert sorted(first) == sorted(second)
+    for sub in ("base", "reasoning"):
+        assert f"{sub}/model.safetensors" in first
+    differing = [name for name in first if first[name] != second[name]]
+    assert differing == []
+
+
+def test_checkpoints_load_with_auto_classes(world):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    for sub in ("base", "reasoning"):
+        tok = AutoTokenizer.from_pretrained(world / sub)
+        model = AutoModelForCausalLM.from_pretrained(world / sub)
+        assert type(model).__name__ == "LlamaForCausalLM"
+        text = "Q: 3+5-6\nA: 8-6=2 #### 2"
+        ids = tok(text)["input_ids"]
+        assert ids[0] == tok.bos_token_id and tok.unk_token_id not in ids
+        assert tok.decode(ids, skip_special_tokens=True) == text
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids])).logits
+        assert logits.shape == (1, len(ids), model.config.vocab_size)
+    base = AutoModelForCausalLM.from_pretrained(world / "base").state_dict()
+    reasoning = AutoModelForCausalLM.from_pretrained(world / "reasoning").state_dict()
+    assert base.keys() == reasoning.keys()
+    assert any(not torch.equal(base[k], reasoning[k]) for k in base)
+
+
+def test_mergekit_merges_the_world(world, tmp_path):
+    cfg = tmp_path / "ta.yml"
+    cfg.write_text(
+        "merge_method: task_arithmetic\n"
+        f"base_model: {(world / 'base').resolve()}\n"
+        "dtype: float32\n"
+        "models:\n"
+        f"  - model: {(world / 'reasoning').resolve()}\n"
+        "    parameters:\n"
+        "      weight: 0.5\n")
+    out = tmp_path / "merged"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(["mergekit-yaml", str(cfg), str(out), "--quiet"], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    from transformers import AutoModelForCausalLM
+    merged = AutoModelForCausalLM.from_pretrained(out).state_dict()
+    base = AutoModelForCausalLM.from_pretrained(world / "base").state_dict()
+    reasoning = AutoModelForCausalLM.from_pretrained(world / "reasoning").state_dict()
+    for name in ("model.layers.0.mlp.down_proj.weight", "lm_head.weight"):
+        expected = base[name] + 0.5 * (reasoning[name] - base[name])
+        torch.testing.assert_close(merged[name], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_reasoning_beats_base_in_accuracy_and_costs_more_tokens(world):
+    from mergepipe.evaluate import evaluate_model
+    task = world / "test.jsonl"
+    base = evaluate_model(world / "base", task, device="cpu")
+    reasoning = evaluate_model(world / "reasoning", task, device="cpu")
+    assert base.n == reasoning.n == recipe_for("test").n_test
+    assert reasoning.accuracy >= base.accuracy + 0.10, (base.summary(), reasoning.summary())
+    assert reasoning.mean_tokens >= 2 * base.mean_tokens, (base.summary(), reasoning.summary())
+
+
+def test_world_files_and_splits(world):
+    for name in ("base", "reasoning", "train.jsonl", "test.jsonl", "world.json"):
+        assert (world / name).exists()
+    train = [json.loads(line) for line in (world / "train.jsonl").read_text().splitlines()]
+    test = [json.loads(line) for line in (world / "test.jsonl").read_text().splitlines()]
+    recipe = recipe_for("test")
+    assert len(train) == recipe.n_train and len(test) == recipe.n_test
+    assert not {r["prompt"] for r in train} & {r["prompt"] for r in test}
+    assert {r["steps"] for r in test} <= set(range(recipe.min_steps, recipe.max_steps + 1))
+    assert json.loads((world / "world.json").read_text())["key"] == recipe.key()
+
+
+def test_problem_steps_and_answer_styles():
+    rng = random.Random(7)
+    for steps in range(1, 8):
+        p = random_problem(rng, steps)
+        assert p.steps == steps
+        assert all(0 <= v <= 9 for v in p.values())
+        assert eval(p.expression) == p.answer  # the chain is ordinary arithmetic
+        assert p.direct() == f" #### {p.answer}"
+        assert p.reasoning().endswith(f"={p.answer} #### {p.answer}")
+        assert p.reasoning().count("=") == steps
+    p = random_problem(random.Random(1), 3)
+    assert len(p.partial(1)) < len(p.partial(2)) < len(p.partial(3))
+    tok = build_tokenizer()
+    assert len(tok(p.reasoning())["input_ids"]) > 2 * len(tok(p.direct())["input_ids"])
+
+
+def test_difficulty_is_a_parameter_and_splits_are_disjoint():
+    rng = random.Random(3)
+    hard = sample(rng, 50, 5, 6)
+    assert {p.steps for p in hard} <= {5, 6}
+    train, test = split_problems(recipe_for("test", n_train=500, n_test=50))
+    assert not {p.expression for p in train} & {p.expression for p in test}
+
+
+def test_recipe_key_tracks_every_field():
+    a = recipe_for("test")
+    assert a.key() == recipe_for("test").key()
+    assert a.key() != recipe_for("test", seed=a.seed + 1).key()
+    assert a.key() != recipe_for("test", finetune_lr=a.finetune_lr * 2).key()
+
+
+def test_unknown_size_is_a_clear_error():
+    from mergepipe.errors import MergePipeError
+    with pytest.raises(MergePipeError, match="unknown world size 'huge'"):
+        recipe_for("huge")
+
+
+def test_world_build_command_leaves_the_contracted_layout(world, cli, tmp_path):
+    dest = tmp_path / "w"
+    res = cli("world", "build", "--size", "test", "--dir", str(dest), "--json")
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["dir"] == str(dest.resolve()) and out["built"] is False
+    for sub in ("base", "reasoning"):
+        assert (dest / sub / "model.safetensors").read_bytes() == \
+            (world / sub / "model.safetensors").read_bytes()
+        assert (dest / sub / "tokenizer.json").is_file()
+    assert (dest / "train.jsonl").is_file() and (dest / "test.jsonl").is_file()
