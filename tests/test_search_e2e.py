@@ -45,7 +45,7 @@ def _prompts(path: Path) -> list[str]:
 
 def test_search_records_trials_prior_and_botorch_hypervolume(cli, tmp_path, world):
     cfg = write_config(tmp_path / "search.yml", world)
-    final = json.loads(cli("search", "run", str(cfg), "--json").output.strip().splitlines()[-1])
+    final = json.loads(cli("search", "run", str(cfg), "--json").stdout.strip().splitlines()[-1])
     assert set(final) >= {"search_id", "trials", "hypervolume", "utilisation"}
     assert final["trials"] == 5 and 0 < final["utilisation"] <= 1
     sid = final["search_id"]
@@ -73,11 +73,11 @@ def test_search_records_trials_prior_and_botorch_hypervolume(cli, tmp_path, worl
     anchors = json.loads(search["anchors_json"])
     assert len(anchors["tasks"]) == 1
 
-    status = json.loads(cli("search", "status", sid[:8], "--json").output)
+    status = json.loads(cli("search", "status", sid[:8], "--json").stdout)
     assert status["hypervolume"] == pytest.approx(final["hypervolume"])
     png = tmp_path / "pareto.png"
     rows = [json.loads(l) for l in cli("search", "pareto", sid, "--plot", str(png), "--json")
-            .output.splitlines()]
+            .stdout.splitlines()]
     assert png.stat().st_size > 1000 and rows
     assert all(r["on_disk"] and {l["role"] for l in r["lineage"]} == {"base", "expert"}
                for r in rows)
@@ -119,7 +119,7 @@ def test_resume_after_kill_neither_loses_nor_repeats_finished_trials(tmp_path, w
     res = CliRunner().invoke(mp, ["--home", str(home), "search", "resume", sid, "--json"],
                              catch_exceptions=False)
     assert res.exit_code == 0, res.output
-    final = json.loads(res.output.strip().splitlines()[-1])
+    final = json.loads(res.stdout.strip().splitlines()[-1])
     assert final["trials"] == 6 and final["search_id"] == sid
     with open_catalog(home) as cat:
         after = cat.rows(sa.select(T).order_by(T.c.trial))

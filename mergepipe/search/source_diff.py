@@ -103,6 +103,8 @@ def prompt_digest(prompts: Sequence[str]) -> list[str]:
 @torch.no_grad()
 def _last_token_states(model_dir: Path, prompts: Sequence[str]) -> list[torch.Tensor]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
     model.eval()
