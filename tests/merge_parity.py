@@ -95,6 +95,19 @@ def mergepipe_merge(cfg: dict[str, Any], home: Path, out: Path, seed: int | None
     return out
 
 
+def mergepipe_execute(cfg: dict[str, Any], home: Path, out: Path, seed: int | None = None) -> Path:
+    """Plan ``cfg`` and run only the engine into ``out``: a fresh execution every time.
+
+    (``apply`` of an already-committed plan returns the earlier commit instead.)
+    """
+    from mergepipe import api
+
+    with api.open_catalog(home) as cat:
+        plan = api.build_plan(cat, copy.deepcopy(cfg), seed=seed, store=False)
+    api.execute_plan(plan, out)
+    return out
+
+
 def max_abs_diff(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor]) -> float:
     assert set(ours) == set(theirs), sorted(set(ours) ^ set(theirs))
     return max((ours[k].float() - theirs[k].float()).abs().max().item() for k in ours)

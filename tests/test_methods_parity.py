@@ -81,6 +81,12 @@ CONFIGS: dict[str, dict[str, Any]] = {
                           ("c2", {"density": 0.6, "weight": 0.5})),
         "parameters": {"normalize": False, "lambda": 1.3},
     },
+    "ties_rescaled": {
+        "merge_method": "ties", "base_model": "@base",
+        "models": _models(("c1", {"density": 0.3, "weight": 0.6}),
+                          ("c2", {"density": 0.7, "weight": 0.5})),
+        "parameters": {"rescale": True},
+    },
     "breadcrumbs": {
         "merge_method": "breadcrumbs", "base_model": "@base",
         "models": _models(("e1", {"weight": 0.5, "density": 0.8, "gamma": 0.05}),

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from mergepipe.methods.base import MergeMethod, TensorContext, register
+from mergepipe.methods.reduce import norm_last, sum_last
 
 
 def model_stock(ctx: TensorContext, base: torch.Tensor | None, tensors: list[torch.Tensor],
@@ -26,8 +27,8 @@ def model_stock(ctx: TensorContext, base: torch.Tensor | None, tensors: list[tor
     cosines = []
     for i, a in enumerate(deltas):
         for b in deltas[i + 1:]:
-            norms = torch.norm(a, dim=-1) * torch.norm(b, dim=-1)
-            cosines.append(((a * b).sum(dim=-1) / norms.clamp(min=1e-6)).clamp(-1, 1))
+            norms = norm_last(a) * norm_last(b)
+            cosines.append((sum_last(a * b) / norms.clamp(min=1e-6)).clamp(-1, 1))
     cos = torch.stack(cosines).mean(dim=0).unsqueeze(-1)
     k = len(ws)
     denom = 1 + (k - 1) * cos

@@ -12,17 +12,18 @@ from typing import Any
 import torch
 
 from mergepipe.methods.base import REQUIRED, MergeMethod, TensorContext, register
+from mergepipe.methods.reduce import norm_last, sum_last
 
 EPS = 1e-8
 
 
 def _unit(x: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
-    return x / torch.norm(x, dim=-1, keepdim=True).clamp(min=eps)
+    return x / norm_last(x).unsqueeze(-1).clamp(min=eps)
 
 
 def nuslerp_vectors(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
     """Slerp along the last dimension; near-parallel pairs are linearly interpolated."""
-    cos = torch.sum(_unit(v0) * _unit(v1), dim=-1, keepdim=True).clamp(-1, 1)
+    cos = sum_last(_unit(v0) * _unit(v1)).unsqueeze(-1).clamp(-1, 1)
     colinear = (1 - cos.square()) <= EPS ** 2
     theta = torch.acos(torch.where(colinear, torch.zeros_like(cos), cos))
     sin_theta = torch.sin(theta)

@@ -3,8 +3,8 @@
 Each tensor is treated as one flat vector. ``t`` = 0 gives the base, 1 the
 other model; nearly parallel vectors fall back to linear interpolation. The
 angle needs both tensors' norms, so the method runs at tensor scope. Norms and
-dot products are reduced over fixed 2**20-element chunks, as mergekit does, so
-float32 results agree with it to the last bit on large tensors too.
+dot products are reduced over 2**20-element chunks, as mergekit does, and each
+chunk with a thread-count-independent reduction (:mod:`.reduce`).
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from mergepipe.methods.base import REQUIRED, MergeMethod, TensorContext, register
+from mergepipe.methods.reduce import norm_last, sum_last
 
 CHUNK = 1 << 20
 DOT_THRESHOLD = 0.9995
@@ -20,7 +21,7 @@ EPS = 1e-8
 
 
 def _chunked_norm(x: torch.Tensor) -> torch.Tensor:
-    parts = [torch.linalg.vector_norm(x[i:i + CHUNK]) for i in range(0, x.numel(), CHUNK)]
+    parts = [norm_last(x[i:i + CHUNK]) for i in range(0, x.numel(), CHUNK)]
     return torch.linalg.vector_norm(torch.stack(parts))
 
 
@@ -33,7 +34,7 @@ def slerp_vectors(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
     n1 = _chunked_norm(v1)
     n0 = torch.where(n0 > EPS, n0, torch.ones_like(n0))
     n1 = torch.where(n1 > EPS, n1, torch.ones_like(n1))
-    parts = [((v0[i:i + CHUNK] / n0) * (v1[i:i + CHUNK] / n1)).sum()
+    parts = [sum_last((v0[i:i + CHUNK] / n0) * (v1[i:i + CHUNK] / n1))
              for i in range(0, v0.numel(), CHUNK)]
     dot = torch.stack(parts).sum().clamp(-1, 1)
     if bool(dot.abs() > DOT_THRESHOLD):

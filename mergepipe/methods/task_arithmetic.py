@@ -15,14 +15,15 @@ from typing import Any, Literal
 import torch
 
 from mergepipe.methods.base import REQUIRED, MergeMethod, TensorContext, register
+from mergepipe.methods.reduce import total
 
 Sparsify = Literal["magnitude", "random", "magnitude_outliers", "della_magprune"] | None
 
 
 def _rescale_l1(delta: torch.Tensor, kept: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
     """Scale kept values so the L1 norm matches the unsparsified delta."""
-    before = delta.abs().sum()
-    after = kept.abs().sum()
+    before = total(delta.abs())
+    after = total(kept.abs())
     if before < eps or after < eps:
         return kept
     return kept * (before / after)
