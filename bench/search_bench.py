@@ -75,6 +75,7 @@ def table(rows: list[dict], label: str) -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--world", default="default", help="tiny world size (test | default)")
+    ap.add_argument("--world-dir", help="an already built world directory (overrides --world)")
     ap.add_argument("--algorithms", default=",".join(ALGORITHMS))
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--n-init", type=int, default=8)
@@ -91,8 +92,11 @@ def main() -> None:
     args = ap.parse_args()
 
     torch.set_num_threads(1)
-    from mergepipe.world.build import ensure_world
-    world = ensure_world(args.world)
+    if args.world_dir:
+        world = Path(args.world_dir).resolve()
+    else:
+        from mergepipe.world.build import ensure_world
+        world = ensure_world(args.world)
     home, out = Path(args.home).resolve(), Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     results, stretched = [], []
@@ -117,7 +121,7 @@ def main() -> None:
                              f"heavy-tailed evaluation times (Pareto α={args.stretch_alpha}), "
                              f"emulated")
         final = [summarise(cat, r["search_id"]) for r in results + stretched]
-    lines = [f"world={args.world} workers={args.workers} budget={args.n_init}+"
+    lines = [f"world={world.name} workers={args.workers} budget={args.n_init}+"
              f"{args.n_total - args.n_init} seeds={args.seeds} limit={args.limit} "
              f"group_size={args.group_size}", ""]
     lines += table(results, "natural evaluation times")

@@ -98,7 +98,11 @@ class SobolSearch(Algorithm):
 
 
 class GridSearch(Algorithm):
-    """Model-level baseline: one global weight on an even grid over [0, 1]."""
+    """Model-level baseline: one global weight on an even grid strictly inside (0, 1).
+
+    The end points are the two sources themselves, already evaluated as the
+    anchors; spending budget on them again would flatter the grid.
+    """
 
     method: str = "task_arithmetic"
 
@@ -107,8 +111,7 @@ class GridSearch(Algorithm):
         return 1
 
     def fixed_point(self, trial: int) -> list[float] | None:
-        steps = max(self.n_total - 1, 1)
-        return [min(trial, steps) / steps]
+        return [(min(trial, self.n_total - 1) + 1) / (self.n_total + 1)]
 
     def spec(self, x: Sequence[float], base: str, reasoning: str) -> dict[str, Any]:
         density = TIES_DENSITY if self.method == "ties" else None
