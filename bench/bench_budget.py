@@ -2,8 +2,8 @@
 
 For each K: one mergekit task-arithmetic merge (reads everything), then MergePipe
 at each budget, page cache dropped for all model files before every run. The
-100% run is byte-identical to MergePipe's exact merge and is the reference for
-each budget's deviation (also checked against mergekit). Reported per run:
+deviation of each budget is measured against mergekit's float32 full merge
+(the exact merge; MergePipe's 100% run reproduces it to float32 rounding). Reported per run:
 expert bytes read (MergePipe's reader count; for mergekit the expert files'
 size, which it reads whole), physical bytes read, wall time, peak RSS,
 deviation from the exact merge and the plan's error bound. Block statistics
@@ -28,8 +28,13 @@ from harness import (MERGEKIT_ENV, compare_models, dir_bytes, drop_cache, gib,  
                      merge_config, mergekit_cmd, mergepipe_cmd, run_measured)
 
 
+# The reference is mergekit's float32 full merge, which differs from MergePipe's
+# exact merge by float32 summation order only; allow that much on top of the bound.
+FLOAT_SLACK = 1e-6
+
+
 def one_k(k: int, budgets: list[int], base: Path, experts: list[Path], home: Path,
-          work: Path) -> dict:
+          work: Path, on_run=None) -> dict:
     cfg = work / f"budget-ta-K{k}.yml"
     cfg.write_text(merge_config("task_arithmetic", base, experts, weight=round(1.0 / k, 6)))
     drop_cache(base, *experts)
@@ -42,41 +47,37 @@ def one_k(k: int, budgets: list[int], base: Path, experts: list[Path], home: Pat
     mk = run_measured(mergekit_cmd(cfg, mk_out), env=MERGEKIT_ENV)
     expert_bytes = dir_bytes(*experts)
     mergekit = {"wall_s": mk["wall_s"], "peak_rss": mk["peak_rss"], "read_bytes": mk["read_bytes"],
+                "loadavg_1m": mk["loadavg_1m"],
                 "expert_bytes": expert_bytes, "bytes_written": dir_bytes(mk_out)}
-    runs, ref = [], None
-    for pct in sorted(budgets, reverse=True):
+    result = {"k": k, "experts": names, "analyze": analyze_info, "mergekit": mergekit, "runs": []}
+    exact_delta = compare_models(mk_out, base)["fro_diff"]
+    for pct in sorted(budgets):  # cheap first: a cut-short run still has the small budgets
         out = work / f"mp-ta-K{k}-b{pct}"
         shutil.rmtree(out, ignore_errors=True)
         drop_cache(base, *experts)
         res = run_measured(mergepipe_cmd(home, "apply", cfg, "--io-budget", f"{pct}%",
                                          "--out", out, "--json"))
         info = json.loads(res["stdout"].strip().splitlines()[-1])
+        dev = compare_models(out, mk_out)
+        shutil.rmtree(out, ignore_errors=True)
         row = {"budget_pct": pct, "io_budget": info["io_budget"],
                "expert_bytes": info["bytes_read"]["experts"], "base_bytes": info["bytes_read"]["base"],
                "read_bytes": res["read_bytes"], "wall_s": res["wall_s"],
                "engine_wall_s": info["wall_s"], "peak_rss": res["peak_rss"],
+               "loadavg_1m": res["loadavg_1m"],
                "error_bound": info["error_bound"], "error_bound_kind": info["error_bound_kind"],
-               "speedup_vs_mergekit": mergekit["wall_s"] / res["wall_s"]}
-        if ref is None:
-            ref = out
-            parity = compare_models(out, mk_out)
-            row.update(dev_fro=0.0, rel_dev=0.0, delta_share=0.0,
-                       max_abs_vs_mergekit=parity["max_abs"])
-        else:
-            dev = compare_models(out, ref, base)
-            exact = compare_models(ref, base)
-            row.update(dev_fro=dev["fro_diff"], rel_dev=dev["rel_dev"],
-                       delta_share=dev["fro_diff"] / exact["fro_diff"] if exact["fro_diff"] else 0.0,
-                       within_bound=dev["fro_diff"] <= info["error_bound"])
-            shutil.rmtree(out, ignore_errors=True)
-        runs.append(row)
+               "speedup_vs_mergekit": mergekit["wall_s"] / res["wall_s"],
+               "dev_fro": dev["fro_diff"], "rel_dev": dev["rel_dev"], "max_abs": dev["max_abs"],
+               "delta_share": dev["fro_diff"] / exact_delta if exact_delta else 0.0,
+               "within_bound": dev["fro_diff"] <= info["error_bound"] + FLOAT_SLACK * dev["fro_ref"]}
+        result["runs"].append(row)
+        if on_run:
+            on_run(result)
         print(f"K={k} {pct:>3}%: experts {gib(row['expert_bytes'])} GiB, {row['wall_s']:.1f} s "
               f"(mergekit {mergekit['wall_s']:.1f} s), rel dev {row['rel_dev']:.2e}, "
               f"bound {row['error_bound']:.3g}", flush=True)
-    for d in (ref, mk_out):
-        if d is not None:
-            shutil.rmtree(d, ignore_errors=True)
-    return {"k": k, "experts": names, "analyze": analyze_info, "mergekit": mergekit, "runs": runs}
+    shutil.rmtree(mk_out, ignore_errors=True)
+    return result
 
 
 def markdown(doc: dict) -> str:
@@ -89,7 +90,7 @@ def markdown(doc: dict) -> str:
         mk = r["mergekit"]
         for x in sorted(r["runs"], key=lambda x: x["budget_pct"]):
             share = x["expert_bytes"] / mk["expert_bytes"] if mk["expert_bytes"] else 0
-            within = "exact" if x["budget_pct"] >= 100 else ("yes" if x.get("within_bound") else "NO")
+            within = "yes" if x.get("within_bound") else "NO"
             lines.append(
                 f"| {r['k']} | {x['budget_pct']}% | {gib(x['expert_bytes'])} | {100 * share:.1f}% | "
                 f"{x['wall_s']:.1f} | {mk['wall_s']:.1f} | {x['speedup_vs_mergekit']:.2f}× | "
@@ -140,8 +141,6 @@ def main() -> None:
     ap.add_argument("--append", action="store_true",
                     help="Keep other K's results from an earlier run of the same size.")
     args = ap.parse_args()
-    if 100 not in args.budgets:
-        args.budgets.append(100)   # the exact reference
     work = Path(args.work).resolve()
     fam = make_family(work / "family", args.size, max(args.ks))
     home = work / f"ws-{args.size}"
@@ -155,13 +154,16 @@ def main() -> None:
         old = json.loads(stem.with_suffix(".json").read_text())
         doc["grid"] = [r for r in old["grid"] if r["k"] not in args.ks]
         doc["register_s"] = {**old["register_s"], **doc["register_s"]}
-    for k in sorted(args.ks):
-        doc["grid"].append(one_k(k, args.budgets, fam.base, fam.experts[:k], home, work))
-        doc["grid"].sort(key=lambda r: r["k"])
+    def save(partial: dict) -> None:
+        doc["grid"] = sorted([r for r in doc["grid"] if r["k"] != partial["k"]] + [partial],
+                             key=lambda r: r["k"])
         doc["total_s"] = time.perf_counter() - t0
         stem.with_suffix(".json").write_text(json.dumps(doc, indent=2) + "\n")
         stem.with_suffix(".md").write_text(markdown(doc))
         plot(doc, stem.with_suffix(".png"))
+
+    for k in args.ks:
+        save(one_k(k, args.budgets, fam.base, fam.experts[:k], home, work, on_run=save))
     print(markdown(doc))
 
 

@@ -42,9 +42,15 @@ def _proc_io() -> dict[str, int]:
     return out
 
 
+# Both tools get the same thread settings; on a shared, oversubscribed machine
+# one intra-op thread is faster for both than OpenMP threads spinning for a core.
+THREAD_ENV = {"OMP_NUM_THREADS": os.environ.get("BENCH_THREADS", "1"),
+              "MKL_NUM_THREADS": os.environ.get("BENCH_THREADS", "1")}
+
+
 def run_measured(cmd: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
     """Run ``cmd`` and return its wall time, peak RSS, physical reads/writes and output."""
-    full_env = {**os.environ, **(env or {})}
+    full_env = {**os.environ, **THREAD_ENV, **(env or {})}
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         load = os.getloadavg()[0]
         before = _proc_io()
