@@ -93,22 +93,22 @@ class TaskArithmeticFamily:
             return base.clone()
         weights = [float(w) for w in params["weight"]]
         deltas = torch.empty((len(tensors), *base.shape), dtype=base.dtype, device=base.device)
-        for k, x in enumerate(tensors):
-            delta = x - base
+        for k, x in enumerate(tensors):  # one input's temporaries at a time
+            delta = torch.sub(x, base, out=deltas[k])
             if self.sparsify is not None:
-                delta = delta * self._mask(ctx, k, delta, params)
-                if params["rescale"] and self.sparsify is not None:
-                    delta = _rescale_l1(x - base, delta)
-            deltas[k] = delta
+                kept = delta * self._mask(ctx, k, delta, params)
+                if params["rescale"]:
+                    kept = _rescale_l1(delta, kept)
+                deltas[k] = kept
         w = torch.tensor(weights, dtype=base.dtype, device=base.device)
         w = w.reshape(-1, *([1] * base.dim()))
         deltas.mul_(w)
         if self.consensus:
             majority = (deltas.sum(dim=0) >= 0).to(base.dtype) * 2 - 1
-            mask = (deltas.sign() == majority).to(base.dtype)
-            mixed = (deltas * mask).sum(dim=0)
+            mask = deltas.sign() == majority
             divisor = (w * mask).sum(dim=0)
             divisor[divisor == 0] = 1
+            mixed = deltas.mul_(mask).sum(dim=0)  # in place: deltas are not needed again
         else:
             mixed = deltas.sum(dim=0)
             divisor = w.sum(dim=0).expand_as(mixed).clone()
