@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -52,6 +53,18 @@ def method_models(tiny_family: dict[str, Path], tmp_path_factory: Any) -> dict[s
     """The conftest family (base, e1–e3) plus correlated experts c1–c3."""
     root = tmp_path_factory.getbasetemp() / "method-models"
     return {**tiny_family, **correlated_experts(root, tiny_family["base"])}
+
+
+@pytest.fixture(scope="module")
+def models(tiny_family: dict[str, Path], tmp_path_factory: Any) -> dict[str, Path]:
+    """Import into a test module to use: the family plus correlated experts."""
+    return method_models(tiny_family, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory: Any) -> Path:
+    """One MergePipe workspace per test module: models are registered once."""
+    return tmp_path_factory.mktemp("ws")
 
 
 def fill(cfg: Any, models: dict[str, Path]) -> Any:

@@ -14,8 +14,8 @@ import torch
 import yaml
 
 from tests.conftest import Cli
-from tests.merge_parity import (max_abs_diff, mergekit_merge, method_models, signed_gap,
-                                state)
+from tests.merge_parity import models  # noqa: F401  (module fixture)
+from tests.merge_parity import max_abs_diff, mergekit_merge, signed_gap, state
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "mergekit"
 FILES = sorted(p.name for p in EXAMPLES.glob("*.yml"))
@@ -23,11 +23,6 @@ PLACEHOLDER = re.compile(r"/path/to/models/([\w.-]+)")
 STOCHASTIC = {"dare_ties", "dare_linear", "della", "della_linear"}
 NAMES = {"llama-base": "base", "math-expert": "e1", "code-expert": "e2", "chat-expert": "e3",
          "ft-run-1": "c1", "ft-run-2": "c2", "ft-run-3": "c3"}
-
-
-@pytest.fixture(scope="module")
-def models(tiny_family, tmp_path_factory) -> dict[str, Path]:
-    return method_models(tiny_family, tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

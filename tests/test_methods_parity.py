@@ -12,8 +12,9 @@ from typing import Any
 import pytest
 import torch
 
+from tests.merge_parity import home, models  # noqa: F401  (module fixtures)
 from tests.merge_parity import (fill, max_abs_diff, max_bf16_ulps, mergekit_merge,
-                                mergepipe_merge, method_models, state)
+                                mergepipe_merge, state)
 
 T_FILTERS = [{"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]},
              {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]},
@@ -138,17 +139,6 @@ CONFIGS: dict[str, dict[str, Any]] = {
 METHOD_OF = {name: cfg["merge_method"] for name, cfg in CONFIGS.items()}
 DETERMINISTIC = {"linear", "slerp", "nuslerp", "task_arithmetic", "ties", "breadcrumbs",
                  "breadcrumbs_ties", "model_stock", "passthrough"}
-
-
-@pytest.fixture(scope="module")
-def models(tiny_family, tmp_path_factory) -> dict[str, Path]:
-    return method_models(tiny_family, tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def home(tmp_path_factory) -> Path:
-    """One workspace for the module: models are registered once."""
-    return tmp_path_factory.mktemp("parity-ws")
 
 
 def test_every_deterministic_method_is_covered():

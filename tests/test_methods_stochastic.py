@@ -18,21 +18,12 @@ import pytest
 import torch
 
 from tests.conftest import make_llama
+from tests.merge_parity import home, models  # noqa: F401  (module fixtures)
 from tests.merge_parity import (fill, mergekit_merge, mergepipe_execute, mergepipe_merge,
-                                method_models, signed_gap, state)
+                                signed_gap, state)
 
 REPO = Path(__file__).resolve().parents[1]
 DENSITY = 0.3
-
-
-@pytest.fixture(scope="module")
-def models(tiny_family, tmp_path_factory) -> dict[str, Path]:
-    return method_models(tiny_family, tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def home(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("stochastic-ws")
 
 
 def one_expert(method: str, **params: Any) -> dict[str, Any]:

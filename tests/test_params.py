@@ -12,14 +12,10 @@ import pytest
 import torch
 
 from tests.conftest import write_spec
+from tests.merge_parity import home  # noqa: F401  (module fixture)
 from tests.merge_parity import fill, mergepipe_merge, state
 
 LAYERS = 4
-
-
-@pytest.fixture(scope="module")
-def home(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("params-ws")
 
 
 @pytest.fixture(scope="module")
