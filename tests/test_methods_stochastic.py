@@ -185,3 +185,20 @@ def test_a_tensor_merged_alone_equals_the_full_run(models, home, tmp_path):
     alone = get_method("dare_ties").fn(ctx, sd["base"][task.name],
                                        [sd["c1"][task.name], sd["c2"][task.name]], task.params)
     assert torch.equal(alone, out[task.name])
+
+
+def test_seed_in_the_spec_and_on_the_command_line_agree(models, home, tmp_path):
+    import yaml
+
+    from tests.conftest import Cli
+    cli = Cli(home)
+    plain = fill(STOCHASTIC, models)
+    with_seed = tmp_path / "seeded.yml"
+    with_seed.write_text(yaml.safe_dump({**plain, "seed": 5}))
+    without = tmp_path / "plain.yml"
+    without.write_text(yaml.safe_dump(plain))
+    cli("apply", with_seed, "--out", tmp_path / "a", "--name", "seed-a")
+    cli("apply", without, "--seed", "5", "--out", tmp_path / "b", "--name", "seed-b")
+    cli("apply", with_seed, "--seed", "6", "--out", tmp_path / "c", "--name", "seed-c")
+    assert sha(tmp_path / "a") == sha(tmp_path / "b")
+    assert sha(tmp_path / "a") != sha(tmp_path / "c")  # the command line wins
