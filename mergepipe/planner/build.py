@@ -222,16 +222,18 @@ def build_exact_plan(cat: Catalog, spec_src: str | Path | dict[str, Any],
     if spec.slices is not None:
         from mergepipe.planner.slices import build_slice_plan  # frankenmerges
         return build_slice_plan(cat, spec)
-    base = resolve_model(cat, spec.base) if spec.base else None
+    declared = resolve_model(cat, spec.base) if spec.base else None
     entries = [(resolve_model(cat, m.ref), m.params) for m in spec.models]
-    base, entries = split_base(method, base, entries, "models")
+    base, entries = split_base(method, declared, entries, "models")
     for row in ([base] if base else []) + [row for row, _ in entries]:
         check_fresh(cat, row)
-    layout_model = base or entries[0][0]
+    # config and tokenizer come from the base_model even when it is an ordinary input
+    layout_model = declared or entries[0][0]
     num_layers = layout_model["num_layers"]
     check_settings([p for _, p in entries] + [spec.parameters], num_layers)
 
-    sources = make_sources(base, [row for row, _ in entries])
+    sources = make_sources(base, ([declared] if declared and not base else []) +
+                           [row for row, _ in entries])
     src_of = {s.model_id: i for i, s in enumerate(sources)}
     layout = _tensor_map(cat, layout_model["model_id"])
     input_tensors = [_tensor_map(cat, row["model_id"]) for row, _ in entries]
