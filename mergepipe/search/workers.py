@@ -60,6 +60,7 @@ def _worker_main(name: str, inbox: "mp.Queue[Any]", outbox: "mp.Queue[Any]") -> 
     import torch  # imported here so the parent's thread settings don't leak in
     torch.set_num_threads(1)
     _quiet_transformers()
+    _warm_imports()
     parent = os.getppid()
     while True:
         try:
@@ -89,6 +90,15 @@ def _quiet_transformers() -> None:
         hf_logging.set_verbosity_error()
     except ImportError:
         pass
+
+
+def _warm_imports() -> None:
+    """Pay the import cost once at start-up, not inside the first trial's busy time."""
+    for name in ("mergepipe.engine.execute", "mergepipe.evaluate"):
+        try:
+            __import__(name)
+        except ImportError:
+            pass
 
 
 class LocalPool:
