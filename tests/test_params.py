@@ -181,6 +181,8 @@ BAD = {  # body after "merge_method: ties / base_model: ..."; what the error mus
         "slices:\n  - sources:\n      - {{model: {base}, layer_range: [0, 6]}}\n"
         "      - {{model: {e1}, layer_range: [0, 6]}}\nparameters: {{weight: 1}}\n",
         "is outside"),
+    "not_a_boolean": (ONE_EXPERT + "parameters: {{normalize: maybe}}\n",
+                      "expected true or false, got 'maybe'"),
     "nested_filters": (
         "models:\n  - model: {e1}\n    parameters:\n      weight:\n"
         "        - filter: mlp\n          value: [{{filter: up, value: 1}}]\n",

@@ -23,6 +23,8 @@ from mergepipe.planner.spec import MergeSpec, parse_spec
 from mergepipe.safetensors_format import FLOAT_CODES, dtype_code, itemsize, official_order
 
 COPY_ROLES = ("config", "generation", "tokenizer")
+_BOOLS = {"true": True, "yes": True, "on": True, "1": True,
+          "false": False, "no": False, "off": False, "0": False}
 
 
 def resolve_model(cat: Catalog, ref: str) -> dict[str, Any]:
@@ -50,6 +52,11 @@ def _numeric(key: str, value: Any, default: Any, where: str) -> Any:
     if value is None:
         return None
     if isinstance(default, bool) or isinstance(value, bool):
+        if isinstance(value, str):  # as pydantic reads booleans: "false" is False
+            if value.strip().lower() not in _BOOLS:
+                raise SpecError(f"parameter {key!r} for {where}: expected true or false, "
+                                f"got {value!r}")
+            return _BOOLS[value.strip().lower()]
         return bool(value)
     try:
         return float(value)
