@@ -37,13 +37,13 @@ def test_pool_frees_each_worker_as_its_own_job_finishes():
         pool.submit("t.w0", 0, SleepJob(0.1))
         pool.submit("t.w1", 1, SleepJob(1.5))
         assert pool.free() == []
-        first = pool.wait(timeout=30)
+        first = pool.wait(timeout=None)
         assert [r.trial for r in first] == [0] and first[0].ok
         assert pool.free() == ["t.w0"]          # the fast worker is free while the slow one runs
         pool.submit("t.w0", 2, SleepJob(0.0, fail=True))
         results = []
         while len(results) < 2:
-            results += pool.wait(timeout=30)
+            results += pool.wait(timeout=None)
         by_trial = {r.trial: r for r in results}
         assert by_trial[1].ok and by_trial[1].value["slept"] == 1.5
         assert not by_trial[2].ok and "bad candidate" in by_trial[2].error
@@ -54,10 +54,10 @@ def test_pool_frees_each_worker_as_its_own_job_finishes():
 def test_a_worker_that_dies_fails_its_trial_and_is_replaced():
     with LocalPool(1) as pool:
         pool.submit("w0", 7, SleepJob(0.0, die=True))
-        res = pool.wait(timeout=60)
+        res = pool.wait(timeout=None)
         assert len(res) == 1 and not res[0].ok and "died" in res[0].error
         pool.submit("w0", 8, SleepJob(0.0))
-        again = pool.wait(timeout=60)
+        again = pool.wait(timeout=None)
         assert again[0].ok and again[0].trial == 8
 
 
