@@ -209,6 +209,8 @@ def test_unsupported_yaml_is_refused_with_one_line_naming_it(case, cli, tiny_fam
     ("passthrough", "models:\n  - model: {e1}\n  - model: {e2}\n", "takes at most 1 models"),
     ("model_stock", "base_model: {base}\nmodels:\n  - model: {e1}\n",
      "needs at least 2 models besides the base"),
+    ("della", "base_model: {base}\nmodels:\n  - model: {e1}\n    parameters: {{weight: 1, density: 0.1}}\n",
+     "density 0.1 ± epsilon 0.15 must stay inside (0, 1)"),
     ("slerp", "base_model: {base}\nslices:\n  - sources:\n      - {{model: {e1}, layer_range: [0, 4]}}\n"
               "      - {{model: {e2}, layer_range: [0, 4]}}\nparameters: {{t: 0.5}}\n",
      "is not among the slice's sources"),
@@ -219,5 +221,8 @@ def test_method_requirements_are_explained(method, body, needle, cli, tiny_famil
         text = text.replace("models:", f"base_model: {tiny_family['base']}\nmodels:")
     res = cli("apply", write_spec(tmp_path / "spec.yml", text), "--out", tmp_path / "out",
               ok=False)
+    lines = res.stderr.strip().splitlines()
     assert res.exit_code != 0
-    assert needle in res.stderr.strip(), res.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
+    assert needle in lines[0], lines[0]
+    assert not (tmp_path / "out").exists()

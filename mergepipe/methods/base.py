@@ -62,6 +62,9 @@ class MergeMethod:
     min_models: int = 1              # how many non-base inputs the method takes:
     max_models: int | None = None    # the planner reads exactly these and the base
     description: str = ""
+    # checks resolved per-tensor params at plan time (params, input model names);
+    # raises SpecError so a bad value fails before anything is read or written
+    validate: Callable[[dict[str, Any], list[str]], None] | None = None
 
     def scope_for(self, params: dict[str, Any]) -> str:
         return self.scope

@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 import torch
 
+from mergepipe.errors import SpecError
 from mergepipe.methods.base import REQUIRED, MergeMethod, TensorContext, register
 from mergepipe.methods.reduce import total
 
@@ -133,6 +134,14 @@ class TaskArithmeticFamily:
         return _della(delta, density, float(params["epsilon"][k]), gen)
 
 
+def _check_epsilon(params: dict[str, Any], keys: list[str]) -> None:
+    """DELLA's keep probabilities density ± epsilon must be probabilities."""
+    for key, d, e in zip(keys, params["density"], params["epsilon"]):
+        if 0 < d < 1 and (d + e >= 1 or d - e <= 0):
+            raise SpecError(f"model {key!r}: density {d:g} ± epsilon {e:g} must stay inside "
+                            f"(0, 1)")
+
+
 def _family(name: str, sparsify: Sparsify, consensus: bool, normalize: bool, rescale: bool,
             description: str) -> MergeMethod:
     model_params: dict[str, Any] = {"weight": REQUIRED, "density": 1.0}
@@ -152,6 +161,7 @@ def _family(name: str, sparsify: Sparsify, consensus: bool, normalize: bool, res
         bound_kind="exact" if linear_in_delta else "estimate",
         zero_weight_skips=True,
         description=description,
+        validate=_check_epsilon if sparsify == "della_magprune" else None,
     ))
 
 

@@ -144,6 +144,11 @@ def make_task(method: MergeMethod, name: str, layer: int | None, t: float,
     params = {key: ([v[k] for k in kept] if key in method.model_params else v)
               for key, v in params.items()}
     is_float = layout["dtype"] in FLOAT_CODES
+    if method.validate is not None and is_float and reads:
+        try:
+            method.validate(params, keys)
+        except SpecError as exc:
+            raise SpecError(f"{exc} (tensor {name!r})") from None
     if base is None and not reads and is_float:
         raise SpecError(f"every model has weight 0 for tensor {name!r}")
     if not is_float:  # non-float buffers are copied from the base (or first) model
