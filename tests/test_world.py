@@ -46,7 +46,7 @@ def test_checkpoints_load_with_auto_classes(world):
         tok = AutoTokenizer.from_pretrained(world / sub)
         model = AutoModelForCausalLM.from_pretrained(world / sub)
         assert type(model).__name__ == "LlamaForCausalLM"
-        text = "Q: 3+5-6\nA: 8-6=2 #### 2"
+        text = "Q: 3 a+5 b-6\nA: a3+5=8 b8-6=2 #### 2"
         ids = tok(text)["input_ids"]
         assert ids[0] == tok.bos_token_id and tok.unk_token_id not in ids
         assert tok.decode(ids, skip_special_tokens=True) == text
@@ -111,10 +111,10 @@ def test_problem_steps_and_answer_styles():
         p = random_problem(rng, steps)
         assert p.steps == steps
         assert all(0 <= v <= 9 for v in p.values())
-        assert eval(p.expression) == p.answer  # the chain is ordinary arithmetic
+        assert eval(p.expression) % 10 == p.answer  # arithmetic on the last digit
         assert p.direct() == f" #### {p.answer}"
         assert p.reasoning().endswith(f"={p.answer} #### {p.answer}")
-        assert p.reasoning().count("=") == steps
+        assert p.reasoning().count("=") == steps  # one written step per operation
     p = random_problem(random.Random(1), 3)
     assert len(p.partial(1)) < len(p.partial(2)) < len(p.partial(3))
     tok = build_tokenizer()

@@ -5,13 +5,29 @@ Prompts are sorted by length before batching so batches need little padding
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 
 from mergepipe.errors import MergePipeError
 from mergepipe.evaluate.backend import Generation
+
+
+@contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """No progress bars or warnings from transformers while loading/saving tiny models."""
+    from transformers.utils import logging as hf_logging
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def pick_device(device: str | None) -> str:
@@ -28,22 +44,18 @@ class TransformersBackend:
     def __init__(self, model_path: str | Path, device: str | None = None,
                  batch_size: int = 64):
         from transformers import AutoModelForCausalLM, AutoTokenizer
-        from transformers.utils import logging as hf_logging
         path = Path(model_path)
         if not (path / "config.json").is_file():
             raise MergePipeError(f"{path} is not a model directory (no config.json)")
         self.device = pick_device(device)
         self.batch_size = max(1, batch_size)
-        verbosity = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()
         try:
-            self.tok = AutoTokenizer.from_pretrained(path)
-            dtype = torch.float32 if self.device == "cpu" else "auto"
-            self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+            with quiet_transformers():
+                self.tok = AutoTokenizer.from_pretrained(path)
+                dtype = torch.float32 if self.device == "cpu" else "auto"
+                self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
         except (OSError, ValueError) as exc:
             raise MergePipeError(f"cannot load model {path}: {str(exc).splitlines()[0]}")
-        finally:
-            hf_logging.set_verbosity(verbosity)
         self.model.to(self.device).eval()
         self.tok.padding_side = "left"
         if self.tok.pad_token_id is None:

@@ -22,6 +22,7 @@ from typing import Iterator
 
 import torch
 
+from mergepipe.evaluate.hf import quiet_transformers
 from mergepipe.world.problems import Problem, sample, write_jsonl
 from mergepipe.world.recipe import WorldRecipe, recipe_for
 from mergepipe.world.tokenizer import build_tokenizer
@@ -44,12 +45,24 @@ def split_problems(recipe: WorldRecipe) -> tuple[list[Problem], list[Problem]]:
     return train_set, test
 
 
-def pretraining_text(problems: list[Problem], seed: int) -> list[Example]:
-    """Arithmetic text: each problem solved with a random amount of written work
-    (none, some, or all steps), with loss on the whole sequence."""
+def pretraining_text(problems: list[Problem], max_steps: int, seed: int) -> list[Example]:
+    """Arithmetic text with loss on the whole sequence.
+
+    Each problem appears solved in full, answered outright, stopped after a
+    random number of written steps, and once more in a style that favours
+    written work the longer the chain is. The last two give the shared starting
+    point a graded habit (more work on harder problems, stopping part-way), so
+    merges between the two fine-tunes land on intermediate amounts of work.
+    """
     rng = random.Random(seed)
-    return [Example(p.prompt, p.partial(rng.randint(0, p.steps)), full=True)
-            for p in problems for _ in range(2)]
+    out = []
+    for p in problems:
+        out.append(Example(p.prompt, p.reasoning(), full=True))
+        out.append(Example(p.prompt, p.direct(), full=True))
+        out.append(Example(p.prompt, p.partial(rng.randint(1, p.steps)), full=True))
+        show_work = rng.random() < (p.steps - 1) / max(1, max_steps - 1)
+        out.append(Example(p.prompt, p.reasoning() if show_work else p.direct(), full=True))
+    return out
 
 
 @contextmanager
@@ -57,33 +70,55 @@ def _fixed_numerics(threads: int) -> Iterator[None]:
     """Pin the thread count (reductions split by thread) and flush denormals
     (tiny AdamW updates otherwise hit slow CPU paths); restore both after."""
     before = torch.get_num_threads()
+    deterministic = torch.are_deterministic_algorithms_enabled()
     torch.set_num_threads(threads)
     torch.set_flush_denormal(True)
+    torch.use_deterministic_algorithms(True, warn_only=True)
     try:
         yield
     finally:
+        torch.use_deterministic_algorithms(deterministic)
         torch.set_flush_denormal(False)
         torch.set_num_threads(before)
+
+
+def _remove_dead_stagings(out: Path) -> None:
+    """Staging directories left by killed builds (their pid is gone)."""
+    for stale in out.parent.glob(out.name + ".staging-*"):
+        pid = stale.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def build_world(recipe: WorldRecipe, out: Path, log: bool = False) -> dict:
     """Build into `out` (created fresh via a staging directory); returns timings."""
     out = Path(out)
+    _remove_dead_stagings(out)
     stage = out.with_name(out.name + f".staging-{os.getpid()}")
     shutil.rmtree(stage, ignore_errors=True)
     stage.mkdir(parents=True)
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
     with _fixed_numerics(recipe.threads):
-        torch.use_deterministic_algorithms(True, warn_only=True)
         tok = build_tokenizer()
         train_set, test = split_problems(recipe)
         write_jsonl(train_set, stage / "train.jsonl")
         write_jsonl(test, stage / "test.jsonl")
         model = new_model(recipe, tok)
         pad = tok.pad_token_id
-        losses = train(model, encode(tok, pretraining_text(train_set, recipe.seed + 3)), recipe.pretrain_steps,
-                       recipe.pretrain_lr, recipe.batch_size, recipe.seed, pad)
+        text = encode(tok, pretraining_text(train_set, recipe.max_steps, recipe.seed + 3))
+        losses = train(model, text, recipe.pretrain_steps, recipe.pretrain_lr,
+                       recipe.batch_size, recipe.seed, pad)
         timings["pretrain_s"] = time.perf_counter() - t0
         if log:
             print(f"pretrain: {recipe.pretrain_steps} steps, loss {losses[-1]:.3f}, "
@@ -95,8 +130,9 @@ def build_world(recipe: WorldRecipe, out: Path, log: bool = False) -> dict:
             data = encode(tok, [Example(p.prompt, style(p)) for p in train_set])
             losses = train(tuned, data, recipe.finetune_steps, recipe.finetune_lr,
                            recipe.batch_size, recipe.seed + 10 + i, pad)
-            tuned.save_pretrained(stage / name, safe_serialization=True)
-            tok.save_pretrained(stage / name)
+            with quiet_transformers():
+                tuned.save_pretrained(stage / name)
+                tok.save_pretrained(stage / name)
             timings[f"{name}_s"] = time.perf_counter() - t1
             if log:
                 print(f"{name}: {recipe.finetune_steps} steps, loss {losses[-1]:.3f}, "

@@ -1,11 +1,11 @@
 """Multi-step arithmetic problems and their two answer styles.
 
-A problem is a chain of single-digit additions and subtractions whose running
-value always stays in 0..9, so each step is one small lookup, but the final
-value depends on every operand. Answering directly needs the whole chain in one
-forward pass (a small model fails as chains grow); rewriting the chain one
-operation at a time turns it into easy lookups and copies, at the price of more
-generated tokens.
+A problem is a chain of single-digit additions and subtractions modulo 10 (the
+last digit of the running value, as on a clock), so each step is one small
+lookup, but the final value depends on every operand and on every wrap-around. Answering directly needs the whole chain in one
+forward pass (a small model fails as chains grow); writing one labelled step at
+a time turns it into a look-up of the operation by its label plus one small sum,
+at the price of more generated tokens.
 `steps` (the number of operations) is the difficulty knob.
 """
 from __future__ import annotations
@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mergepipe.world.tokenizer import ANSWER_MARK
+
+LABELS = "abcdefghijklmnopqrstuvwxyz"
 
 
 @dataclass(frozen=True)
@@ -32,10 +34,10 @@ class Problem:
         return str(self.start) + "".join(f"{op}{n}" for op, n in self.ops)
 
     def values(self) -> list[int]:
-        """Running values after each operation."""
+        """Running values (mod 10) after each operation."""
         out, v = [], self.start
         for op, n in self.ops:
-            v = v + n if op == "+" else v - n
+            v = apply(v, op, n)
             out.append(v)
         return out
 
@@ -45,7 +47,9 @@ class Problem:
 
     @property
     def prompt(self) -> str:
-        return f"Q: {self.expression}\nA:"
+        """Operations carry labels (a, b, …) so a written step can point at its operation."""
+        labelled = " ".join(f"{LABELS[j]}{op}{n}" for j, (op, n) in enumerate(self.ops))
+        return f"Q: {self.start} {labelled}\nA:"
 
     def direct(self) -> str:
         """The base model's completion: the final answer only."""
@@ -56,30 +60,29 @@ class Problem:
         return self.partial(self.steps)
 
     def partial(self, written: int) -> str:
-        """A completion that rewrites the chain `written` times, then answers.
+        """A completion that writes the first `written` steps, then answers.
 
-        Each rewrite evaluates the first operation and copies the rest
-        (8-6+4 -> 2+4 -> 6), so a step is one lookup plus a copy; answering
-        after fewer rewrites leaves more of the chain to do in one go.
+        A step names its operation and applies it to the running value
+        (`b1+7=8`); answering after fewer steps leaves more of the chain to do
+        in one go, which is where a small model errs.
         """
-        chain = []
-        for j, v in enumerate(self.values()[:written], 1):
-            chain.append(str(v) + "".join(f"{op}{n}" for op, n in self.ops[j:]))
-        work = " " + "=".join(chain) if chain else ""
+        parts, v = [], self.start
+        for j, ((op, n), nxt) in enumerate(zip(self.ops[:written], self.values())):
+            parts.append(f"{LABELS[j]}{v}{op}{n}={nxt}")
+            v = nxt
+        work = " " + " ".join(parts) if parts else ""
         return f"{work} {ANSWER_MARK} {self.answer}"
 
 
+def apply(value: int, op: str, n: int) -> int:
+    return (value + n) % 10 if op == "+" else (value - n) % 10
+
+
 def random_problem(rng: random.Random, steps: int) -> Problem:
-    """Draw a chain whose running value stays a single digit."""
-    v = rng.randint(0, 9)
-    start, ops = v, []
-    for _ in range(steps):
-        choices = [("+", n) for n in range(1, 10) if v + n <= 9]
-        choices += [("-", n) for n in range(1, 10) if v - n >= 0]
-        op, n = rng.choice(choices)
-        v = v + n if op == "+" else v - n
-        ops.append((op, n))
-    return Problem(start, tuple(ops))
+    """Draw a start digit and `steps` operations with operands 1..9."""
+    start = rng.randint(0, 9)
+    ops = tuple((rng.choice("+-"), rng.randint(1, 9)) for _ in range(steps))
+    return Problem(start, ops)
 
 
 def sample(rng: random.Random, count: int, min_steps: int, max_steps: int,

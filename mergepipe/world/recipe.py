@@ -15,6 +15,10 @@ import torch
 import transformers
 
 
+# The modules whose code decides the checkpoints' bytes (part of the cache key).
+BUILDER_SOURCES = ("tokenizer.py", "problems.py", "recipe.py", "train.py", "build.py")
+
+
 @dataclass(frozen=True)
 class WorldRecipe:
     size: str
@@ -36,13 +40,13 @@ class WorldRecipe:
     finetune_steps: int = 300
     finetune_lr: float = 1e-3
     batch_size: int = 64
-    threads: int = 2
+    threads: int = 1  # one thread: same bits every build, and robust on a busy machine
 
     def key(self) -> str:
         """Cache key: recipe fields, builder source and library versions."""
         h = hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode())
-        for path in sorted(Path(__file__).parent.glob("*.py")):
-            h.update(path.name.encode() + path.read_bytes())
+        for name in BUILDER_SOURCES:
+            h.update(name.encode() + (Path(__file__).parent / name).read_bytes())
         for mod in (torch, transformers, tokenizers):
             h.update(f"{mod.__name__}={mod.__version__}".encode())
         return f"{self.size}-{h.hexdigest()[:12]}"
@@ -51,8 +55,10 @@ class WorldRecipe:
 SIZES: dict[str, WorldRecipe] = {
     "test": WorldRecipe(size="test", hidden=64, layers=2, heads=4, intermediate=128,
                         max_steps=4, n_train=4000, n_test=100,
-                        pretrain_steps=250, finetune_steps=80, batch_size=32),
-    "default": WorldRecipe(size="default"),
+                        pretrain_steps=400, finetune_steps=150, batch_size=32),
+    "default": WorldRecipe(size="default", hidden=96, layers=3, heads=4, intermediate=192,
+                           max_steps=5, pretrain_steps=1000, finetune_steps=250,
+                           batch_size=32),
 }
 
 
