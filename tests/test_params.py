@@ -190,11 +190,8 @@ BAD = {  # body after "merge_method: ties / base_model: ..."; what the error mus
 }
 
 
-@pytest.mark.parametrize("case", sorted(BAD))
-def test_unsupported_yaml_is_refused_with_one_line_naming_it(case, cli, tiny_family, tmp_path):
-    body, needle = BAD[case]
-    text = "merge_method: ties\nbase_model: {base}\n".format(**tiny_family) + \
-        body.format(**tiny_family)
+def assert_refused(cli, tmp_path: Path, text: str, needle: str) -> None:
+    """`mergepipe apply` fails: nonzero exit, one `error:` line naming it, no output."""
     res = cli("apply", write_spec(tmp_path / "spec.yml", text), "--out", tmp_path / "out",
               ok=False)
     lines = res.stderr.strip().splitlines()
@@ -202,6 +199,14 @@ def test_unsupported_yaml_is_refused_with_one_line_naming_it(case, cli, tiny_fam
     assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
     assert needle in lines[0], lines[0]
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_unsupported_yaml_is_refused_with_one_line_naming_it(case, cli, tiny_family, tmp_path):
+    body, needle = BAD[case]
+    text = "merge_method: ties\nbase_model: {base}\n".format(**tiny_family) + \
+        body.format(**tiny_family)
+    assert_refused(cli, tmp_path, text, needle)
 
 
 @pytest.mark.parametrize("method,body,needle", [
@@ -219,10 +224,4 @@ def test_method_requirements_are_explained(method, body, needle, cli, tiny_famil
     text = f"merge_method: {method}\n" + body.format(**tiny_family)
     if method == "slerp" and "base_model" not in text:
         text = text.replace("models:", f"base_model: {tiny_family['base']}\nmodels:")
-    res = cli("apply", write_spec(tmp_path / "spec.yml", text), "--out", tmp_path / "out",
-              ok=False)
-    lines = res.stderr.strip().splitlines()
-    assert res.exit_code != 0
-    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
-    assert needle in lines[0], lines[0]
-    assert not (tmp_path / "out").exists()
+    assert_refused(cli, tmp_path, text, needle)
