@@ -47,16 +47,27 @@ class InputShare:
 
 
 def coefficients(task: TensorTask) -> tuple[list[float], float]:
-    """|c_k| for each input and the coefficient of the base in the output."""
+    """|c_k| for each input and the coefficient of the base in the output.
+
+    Weights of inputs the budget took out of the computation (``unread_weights``)
+    count towards the base coefficient; see :func:`unread_inputs` for their c_k.
+    """
     m = len(task.inputs)
     weights = [float(w) for w in task.params.get("weight", [1.0] * m)]
+    unread = [float(w) for w in task.params.get("unread_weights", {}).values()]
     lam = float(task.params.get("lambda", 1.0))
-    divisor = sum(weights) if task.params.get("normalize") else 1.0
+    divisor = sum(weights + unread) if task.params.get("normalize") else 1.0
     if abs(divisor) < 1e-8:
         divisor = 1.0
     coefs = [abs(lam * w / divisor) for w in weights]
-    base_coef = max(1.0, sum(abs(w) for w in weights) / abs(divisor))
+    base_coef = max(1.0, sum(abs(w) for w in weights + unread) / abs(divisor))
     return coefs, base_coef
+
+
+def unread_inputs(task: TensorTask) -> list[tuple[str, float]]:
+    """(source key, |c_k|) of inputs dropped from the computation: all of them omitted."""
+    lam = float(task.params.get("lambda", 1.0))
+    return [(key, abs(lam * float(w))) for key, w in task.params.get("unread_weights", {}).items()]
 
 
 def is_selected(read: Read, a: int, b: int) -> bool:
@@ -83,27 +94,29 @@ def _groups(blocks: list[list[Block]]) -> list[list[list[Block]]]:
     return [[bl for bl in blocks]]
 
 
-def task_bound(task: TensorTask, blocks: list[list[Block] | None]) -> float:
+Entry = tuple[float, "Read | None", list[Block]]   # (|c_k|, its Read or None if unread, blocks)
+
+
+def task_bound(task: TensorTask, entries: list[Entry]) -> float:
     """Frobenius bound on ‖exact − budgeted‖ for one output tensor.
 
-    ``blocks[i]`` are the stats blocks of input i (None for inputs that alias
-    the base and so never differ from it).
+    ``entries`` hold every expert input that may differ from the base: its
+    coefficient, its Read (None when no block of it is read) and its stats blocks.
     """
-    coefs, base_coef = coefficients(task)
-    live = [(i, bl) for i, bl in enumerate(blocks) if bl is not None and bl]
+    _, base_coef = coefficients(task)
+    live = [e for e in entries if e[2]]
     if not live:
         return 0.0
-    unit = (len(task.inputs) + 4) * F32_UNIT + CAST_UNIT.get(task.out_dtype, 2.0 ** -8)
+    unit = (len(entries) + 4) * F32_UNIT + CAST_UNIT.get(task.out_dtype, 2.0 ** -8)
     total = 0.0
-    for group in _groups([bl for _, bl in live]):
+    for group in _groups([bl for _, _, bl in live]):
         omitted = full = 0.0
         base_sq = sum(b["base_l2"] ** 2 for b in group[0])
-        for (i, _), gblocks in zip(live, group):
-            r = task.inputs[i]
+        for (coef, r, _), gblocks in zip(live, group):
             miss = sum(b["delta_l2"] ** 2 for b in gblocks
-                       if not is_selected(r, b["row_start"], b["row_end"]))
-            omitted += coefs[i] * math.sqrt(miss)
-            full += coefs[i] * math.sqrt(sum(b["delta_l2"] ** 2 for b in gblocks))
+                       if r is None or not is_selected(r, b["row_start"], b["row_end"]))
+            omitted += coef * math.sqrt(miss)
+            full += coef * math.sqrt(sum(b["delta_l2"] ** 2 for b in gblocks))
         if omitted > 0:
             omitted += unit * (base_coef * math.sqrt(base_sq) + full)
         total += omitted ** 2
@@ -113,27 +126,31 @@ def task_bound(task: TensorTask, blocks: list[list[Block] | None]) -> float:
 def input_shares(plan: Plan, stats: dict[tuple[str, str], list[Block]]) -> tuple[list[InputShare], list[float]]:
     """Per (task, expert input) shares, and each task's bound (0 for untouched tasks)."""
     b = plan.base_source()
+    by_key = {s.key: i for i, s in enumerate(plan.sources)}
     shares: list[InputShare] = []
     bounds: list[float] = []
     for ti, t in enumerate(plan.tasks):
-        per_input: list[list[Block] | None] = []
+        if b is None or t.scope == "copy":
+            bounds.append(0.0)
+            continue
         coefs, _ = coefficients(t) if t.inputs else ([], 1.0)
-        for i, r in enumerate(t.inputs):
-            if r.alias_base or r.src == b or t.scope == "copy":
-                per_input.append(None)
-                continue
-            bl = stats.get((plan.sources[r.src].model_id, t.name), [])
-            per_input.append(bl)
-            row_bytes = r.nbytes // t.rows if t.rows else 0
-            read = r.bytes_to_read(row_bytes)
+        entries: list[tuple[int, float, Read | None]] = [
+            (r.src, coefs[i], r) for i, r in enumerate(t.inputs) if not r.alias_base and r.src != b]
+        entries += [(by_key[key], c, None) for key, c in unread_inputs(t)]
+        bound_entries: list[Entry] = []
+        for src, coef, r in entries:
+            bl = stats.get((plan.sources[src].model_id, t.name), [])
+            bound_entries.append((coef, r, bl))
+            nbytes = r.nbytes if r is not None else (t.base.nbytes if t.base else 0)
+            read = r.bytes_to_read(nbytes // t.rows if t.rows else 0) if r is not None else 0
             kept = miss = 0.0
             for x in bl:
-                e = (coefs[i] * x["delta_l2"]) ** 2
-                if is_selected(r, x["row_start"], x["row_end"]):
+                e = (coef * x["delta_l2"]) ** 2
+                if r is not None and is_selected(r, x["row_start"], x["row_end"]):
                     kept += e
                 else:
                     miss += e
-            shares.append(InputShare(ti, r.src, t.layer, coefs[i], read, r.nbytes - read,
+            shares.append(InputShare(ti, src, t.layer, coef, read, nbytes - read,
                                      kept + miss, kept, math.sqrt(miss)))
-        bounds.append(task_bound(t, per_input) if b is not None and t.scope != "copy" else 0.0)
+        bounds.append(task_bound(t, bound_entries))
     return shares, bounds

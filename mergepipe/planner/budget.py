@@ -25,7 +25,7 @@ from mergepipe.catalog.stats import analyze as analyze_stats
 from mergepipe.catalog.stats import load_block_stats, missing_stats
 from mergepipe.catalog.store import Catalog
 from mergepipe.errors import BudgetError, MergePipeError
-from mergepipe.methods.base import get_method
+from mergepipe.methods.base import MergeMethod, get_method
 from mergepipe.planner.bound import coefficients, input_shares
 from mergepipe.planner.plan import Plan, Read, Source
 
@@ -154,6 +154,33 @@ def _select(plan: Plan, units: list[tuple], budget: int) -> None:
         t.inputs[i].rows = None if rows == [(0, t.rows)] else rows
 
 
+def _drop_unread(plan: Plan, method: MergeMethod) -> None:
+    """Take inputs with no block selected out of the computation where that is exact.
+
+    Such an input equals the base, so its delta is zero. When the method adds
+    weighted deltas to a base without dividing by the summed weights, a zero
+    delta contributes exactly nothing (also to sign votes and masks), so the
+    engine need not reconstruct and merge it. Its weight is kept under
+    ``unread_weights`` so the bound and ``explain`` still account for it.
+    """
+    if method.base != "required":
+        return
+    for t in plan.tasks:
+        if t.scope == "copy" or t.params.get("normalize") or "weight" not in t.params:
+            continue
+        keep = [i for i, r in enumerate(t.inputs) if r.rows != []]
+        if len(keep) == len(t.inputs):
+            continue
+        unread = {t.input_keys[i]: t.params["weight"][i]
+                  for i in range(len(t.inputs)) if i not in keep}
+        for key in method.model_params:
+            t.params[key] = [t.params[key][i] for i in keep]
+        t.params["unread_weights"] = unread
+        t.inputs = [t.inputs[i] for i in keep]
+        t.input_keys = [t.input_keys[i] for i in keep]
+        t.skipped = t.skipped + list(unread)
+
+
 def apply_budget(cat: Catalog, plan: Plan, io_budget: str | int, analyze: bool = True,
                  progress: bool = False,
                  notify: Callable[[str], None] | None = _stderr) -> Plan:
@@ -175,6 +202,7 @@ def apply_budget(cat: Catalog, plan: Plan, io_budget: str | int, analyze: bool =
     units = _units(plan, stats)
     if budget < full:
         _select(plan, units, budget)
+        _drop_unread(plan, method)
     est = plan.est_bytes()["experts"]
     if est > budget:  # cannot happen with a base; kept as the guarantee's last line
         raise BudgetError(f"I/O budget {budget} bytes is below the {est} expert bytes this "
