@@ -16,14 +16,17 @@ from mergepipe.search.workers import LocalPool
 
 @dataclass
 class SleepJob:
-    """Sleeps, then reports which process ran it."""
+    """Sleeps (or waits for a flag file), then reports which process ran it."""
 
     seconds: float
     fail: bool = False
     die: bool = False
+    until: str | None = None
 
     def run(self) -> dict:
         time.sleep(self.seconds)
+        while self.until and not os.path.exists(self.until):
+            time.sleep(0.02)
         if self.die:
             os._exit(9)
         if self.fail:
@@ -31,15 +34,17 @@ class SleepJob:
         return {"pid": os.getpid(), "slept": self.seconds}
 
 
-def test_pool_frees_each_worker_as_its_own_job_finishes():
-    with LocalPool(2, prefix="t.w") as pool:
+def test_pool_frees_each_worker_as_its_own_job_finishes(tmp_path):
+    flag = tmp_path / "release"
+    with LocalPool(2, prefix="t.w", warm=()) as pool:
         assert pool.free() == ["t.w0", "t.w1"]
         pool.submit("t.w0", 0, SleepJob(0.1))
-        pool.submit("t.w1", 1, SleepJob(1.5))
+        pool.submit("t.w1", 1, SleepJob(1.5, until=str(flag)))   # held until released below
         assert pool.free() == []
         first = pool.wait(timeout=None)
         assert [r.trial for r in first] == [0] and first[0].ok
         assert pool.free() == ["t.w0"]          # the fast worker is free while the slow one runs
+        flag.touch()
         pool.submit("t.w0", 2, SleepJob(0.0, fail=True))
         results = []
         while len(results) < 2:
@@ -52,7 +57,7 @@ def test_pool_frees_each_worker_as_its_own_job_finishes():
 
 
 def test_a_worker_that_dies_fails_its_trial_and_is_replaced():
-    with LocalPool(1) as pool:
+    with LocalPool(1, warm=()) as pool:
         pool.submit("w0", 7, SleepJob(0.0, die=True))
         res = pool.wait(timeout=None)
         assert len(res) == 1 and not res[0].ok and "died" in res[0].error

@@ -54,13 +54,14 @@ class WorkerPool(Protocol):
     def close(self) -> None: ...
 
 
-def _worker_main(name: str, inbox: "mp.Queue[Any]", outbox: "mp.Queue[Any]") -> None:
+def _worker_main(name: str, inbox: "mp.Queue[Any]", outbox: "mp.Queue[Any]",
+                 warm: tuple[str, ...]) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     import torch  # imported here so the parent's thread settings don't leak in
     torch.set_num_threads(1)
     _quiet_transformers()
-    _warm_imports()
+    _warm_imports(warm)
     parent = os.getppid()
     while True:
         try:
@@ -92,9 +93,12 @@ def _quiet_transformers() -> None:
         pass
 
 
-def _warm_imports() -> None:
+WARM_MODULES = ("mergepipe.engine.execute", "mergepipe.evaluate")
+
+
+def _warm_imports(modules: tuple[str, ...]) -> None:
     """Pay the import cost once at start-up, not inside the first trial's busy time."""
-    for name in ("mergepipe.engine.execute", "mergepipe.evaluate"):
+    for name in modules:
         try:
             __import__(name)
         except ImportError:
@@ -104,10 +108,11 @@ def _warm_imports() -> None:
 class LocalPool:
     """``size`` spawned processes on this machine, one inbox each, one shared outbox."""
 
-    def __init__(self, size: int, prefix: str = "w"):
+    def __init__(self, size: int, prefix: str = "w", warm: tuple[str, ...] = WARM_MODULES):
         if size < 1:
             raise ValueError("a worker pool needs at least one worker")
         self.size = size
+        self._warm = tuple(warm)
         self._ctx = mp.get_context("spawn")
         self._outbox: "mp.Queue[Any]" = self._ctx.Queue()
         self._names = [f"{prefix}{i}" for i in range(size)]
@@ -119,7 +124,7 @@ class LocalPool:
 
     def _spawn(self, name: str) -> None:
         inbox = self._ctx.Queue()
-        proc = self._ctx.Process(target=_worker_main, args=(name, inbox, self._outbox),
+        proc = self._ctx.Process(target=_worker_main, args=(name, inbox, self._outbox, self._warm),
                                  name=f"mergepipe-search-{name}", daemon=True)
         proc.start()
         self._procs[name], self._inboxes[name] = proc, inbox
