@@ -115,6 +115,10 @@ def test_problem_steps_and_answer_styles():
         assert p.direct() == f" #### {p.answer}"
         assert p.reasoning().endswith(f"={p.answer} #### {p.answer}")
         assert p.reasoning().count("=") == steps  # one written step per operation
+    for steps in range(1, 8):
+        p = random_problem(rng, steps, modulus=None)
+        assert all(0 <= v <= 9 for v in p.values())
+        assert eval(p.expression) == p.answer  # ordinary arithmetic, no wrap-around
     p = random_problem(random.Random(1), 3)
     assert len(p.partial(1)) < len(p.partial(2)) < len(p.partial(3))
     tok = build_tokenizer()

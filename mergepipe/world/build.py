@@ -38,30 +38,30 @@ def cache_root() -> Path:
 
 def split_problems(recipe: WorldRecipe) -> tuple[list[Problem], list[Problem]]:
     """Held-out test problems first, then training problems that avoid them."""
-    test = sample(random.Random(recipe.seed + 1), recipe.n_test,
-                  recipe.min_steps, recipe.max_steps)
+    test = sample(random.Random(recipe.seed + 1), recipe.n_test, recipe.min_steps,
+                  recipe.max_steps, modulus=recipe.modulus)
     train_set = sample(random.Random(recipe.seed + 2), recipe.n_train, recipe.min_steps,
-                       recipe.max_steps, exclude={p.expression for p in test})
+                       recipe.max_steps, exclude={p.expression for p in test},
+                       modulus=recipe.modulus)
     return train_set, test
 
 
 def pretraining_text(problems: list[Problem], max_steps: int, seed: int) -> list[Example]:
-    """Arithmetic text with loss on the whole sequence.
+    """Arithmetic text with loss on the whole sequence, in the habit of someone
+    who shows their work more often the longer the chain is.
 
-    Each problem appears solved in full, answered outright, stopped after a
-    random number of written steps, and once more in a style that favours
-    written work the longer the chain is. The last two give the shared starting
-    point a graded habit (more work on harder problems, stopping part-way), so
-    merges between the two fine-tunes land on intermediate amounts of work.
+    Short chains are mostly answered outright and long ones mostly worked
+    through, so the shared starting point already links difficulty to written
+    work: merges between the two fine-tunes then write steps on hard problems
+    first, and direct answering stays weak where it was rarely practised.
     """
     rng = random.Random(seed)
     out = []
     for p in problems:
-        out.append(Example(p.prompt, p.reasoning(), full=True))
-        out.append(Example(p.prompt, p.direct(), full=True))
-        out.append(Example(p.prompt, p.partial(rng.randint(1, p.steps)), full=True))
-        show_work = rng.random() < (p.steps - 1) / max(1, max_steps - 1)
-        out.append(Example(p.prompt, p.reasoning() if show_work else p.direct(), full=True))
+        show_work = 0.1 + 0.9 * (p.steps - 1) / max(1, max_steps - 1)
+        for _ in range(2):
+            style = p.reasoning() if rng.random() < show_work else p.direct()
+            out.append(Example(p.prompt, style, full=True))
     return out
 
 

@@ -1,12 +1,13 @@
 """Multi-step arithmetic problems and their two answer styles.
 
-A problem is a chain of single-digit additions and subtractions modulo 10 (the
-last digit of the running value, as on a clock), so each step is one small
-lookup, but the final value depends on every operand and on every wrap-around. Answering directly needs the whole chain in one
-forward pass (a small model fails as chains grow); writing one labelled step at
-a time turns it into a look-up of the operation by its label plus one small sum,
-at the price of more generated tokens.
-`steps` (the number of operations) is the difficulty knob.
+A problem is a chain of single-digit additions and subtractions, either modulo
+10 (the last digit of the running value, as on a clock) or kept within 0..9 by
+choosing the operands. Each step is one small lookup, but the final value
+depends on every operand (and, modulo 10, on every wrap-around). Answering
+directly needs the whole chain in one forward pass (a small model fails as
+chains grow); writing one labelled step at a time turns it into a look-up of
+the operation by its label plus one small sum, at the price of more generated
+tokens. `steps` (the number of operations) is the difficulty knob.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ LABELS = "abcdefghijklmnopqrstuvwxyz"
 class Problem:
     start: int
     ops: tuple[tuple[str, int], ...]  # ("+", 3), ("-", 5), …
+    modulus: int | None = 10  # None: ordinary arithmetic that stays in 0..9
 
     @property
     def steps(self) -> int:
@@ -34,10 +36,10 @@ class Problem:
         return str(self.start) + "".join(f"{op}{n}" for op, n in self.ops)
 
     def values(self) -> list[int]:
-        """Running values (mod 10) after each operation."""
+        """Running values after each operation."""
         out, v = [], self.start
         for op, n in self.ops:
-            v = apply(v, op, n)
+            v = apply(v, op, n, self.modulus)
             out.append(v)
         return out
 
@@ -74,19 +76,29 @@ class Problem:
         return f"{work} {ANSWER_MARK} {self.answer}"
 
 
-def apply(value: int, op: str, n: int) -> int:
-    return (value + n) % 10 if op == "+" else (value - n) % 10
+def apply(value: int, op: str, n: int, modulus: int | None = 10) -> int:
+    out = value + n if op == "+" else value - n
+    return out % modulus if modulus else out
 
 
-def random_problem(rng: random.Random, steps: int) -> Problem:
-    """Draw a start digit and `steps` operations with operands 1..9."""
-    start = rng.randint(0, 9)
-    ops = tuple((rng.choice("+-"), rng.randint(1, 9)) for _ in range(steps))
-    return Problem(start, ops)
+def random_problem(rng: random.Random, steps: int, modulus: int | None = 10) -> Problem:
+    """Draw a start digit and `steps` operations with operands 1..9; without a
+    modulus, only operations that keep the running value in 0..9."""
+    v = start = rng.randint(0, 9)
+    ops = []
+    for _ in range(steps):
+        if modulus:
+            op, n = rng.choice("+-"), rng.randint(1, 9)
+        else:
+            op, n = rng.choice([("+", n) for n in range(1, 10 - v)] +
+                               [("-", n) for n in range(1, v + 1)])
+        v = apply(v, op, n, modulus)
+        ops.append((op, n))
+    return Problem(start, tuple(ops), modulus)
 
 
 def sample(rng: random.Random, count: int, min_steps: int, max_steps: int,
-           exclude: set[str] | None = None) -> list[Problem]:
+           exclude: set[str] | None = None, modulus: int | None = 10) -> list[Problem]:
     """`count` distinct problems with steps uniform in [min_steps, max_steps]."""
     seen = set(exclude or ())
     out: list[Problem] = []
@@ -96,7 +108,7 @@ def sample(rng: random.Random, count: int, min_steps: int, max_steps: int,
         if tries > 100 * count:
             raise ValueError(f"cannot draw {count} distinct problems with "
                              f"{min_steps}..{max_steps} steps")
-        p = random_problem(rng, rng.randint(min_steps, max_steps))
+        p = random_problem(rng, rng.randint(min_steps, max_steps), modulus)
         if p.expression in seen:
             continue
         seen.add(p.expression)

@@ -30,6 +30,7 @@ class WorldRecipe:
     intermediate: int = 256
     max_positions: int = 128
     # problems (steps = number of + / - operations)
+    modulus: int | None = None  # None: ordinary arithmetic kept in 0..9
     min_steps: int = 1
     max_steps: int = 6
     n_train: int = 20000
@@ -57,7 +58,7 @@ SIZES: dict[str, WorldRecipe] = {
                         max_steps=4, n_train=4000, n_test=100,
                         pretrain_steps=400, finetune_steps=150, batch_size=32),
     "default": WorldRecipe(size="default", hidden=96, layers=3, heads=4, intermediate=192,
-                           max_steps=5, pretrain_steps=1000, finetune_steps=250,
+                           max_steps=5, pretrain_steps=1100, finetune_steps=250,
                            batch_size=32),
 }
 
