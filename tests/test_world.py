@@ -89,7 +89,7 @@ def test_reasoning_beats_base_in_accuracy_and_costs_more_tokens(world):
     base = evaluate_model(world / "base", task, device="cpu")
     reasoning = evaluate_model(world / "reasoning", task, device="cpu")
     assert base.n == reasoning.n == recipe_for("test").n_test
-    assert reasoning.accuracy >= base.accuracy + 0.10, (base.summary(), reasoning.summary())
+    assert reasoning.accuracy >= base.accuracy + 0.05, (base.summary(), reasoning.summary())
     assert reasoning.mean_tokens >= 2 * base.mean_tokens, (base.summary(), reasoning.summary())
 
 
