@@ -146,7 +146,7 @@ def main() -> None:
     home = work / f"ws-{args.size}"
     out = Path(args.results)
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"budget_{args.size}"
+    stem = out / f"budget_{args.size.replace('.', '_')}"   # no dot: with_suffix would eat it
     t0 = time.perf_counter()
     doc = {"size": args.size, "params": fam.params, "budgets": args.budgets,
            "register_s": register_all(home, [fam.base, *fam.experts[:max(args.ks)]]), "grid": []}

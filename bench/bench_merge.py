@@ -92,7 +92,8 @@ def main() -> None:
     work = Path(args.work).resolve()
     fam = make_family(work / "family", args.size, args.experts)
     experts = fam.experts[:args.experts]
-    home = work / f"ws-{args.size}"
+    # its own workspace: DuckDB allows one writer, and the budget bench may run alongside
+    home = work / f"ws-{args.size}-merge"
     t0 = time.perf_counter()
     reg = register_all(home, [fam.base, *experts])
     results = [one_method(m, fam.base, experts, home, work) for m in args.methods]
@@ -100,7 +101,7 @@ def main() -> None:
            "register_s": reg, "results": results, "total_s": time.perf_counter() - t0}
     out = Path(args.results)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"merge_{args.size}_K{args.experts}"
+    stem = f"merge_{args.size.replace('.', '_')}_K{args.experts}"
     (out / f"{stem}.json").write_text(json.dumps(doc, indent=2) + "\n")
     md = (f"# MergePipe vs mergekit, {args.size} ({fam.params / 1e6:.0f}M params), "
           f"K={args.experts}, float32 output, cold page cache\n\n{table(results)}\n\n"
