@@ -5,6 +5,7 @@ are reused, so a bench of many searches scores each source model only once.
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -81,7 +82,14 @@ def ensure_anchors(cat: Catalog, search_id: str, row: dict[str, Any], base: dict
     anchors = Anchors({t.name: TaskAnchor(b[t.name]["accuracy"], r[t.name]["accuracy"],
                                           b[t.name]["mean_tokens"], r[t.name]["mean_tokens"])
                        for t in tasks})
+    inverted = [t for t, a in anchors.tasks.items() if a.acc_reason <= a.acc_base]
+    if inverted:
+        # The anchored accuracy objective assumes the reasoning model is the more accurate
+        # one; otherwise maximising it rewards merges that lose accuracy. Say so loudly.
+        warnings.warn(f"reasoning model is not more accurate than the base on "
+                      f"{', '.join(inverted)}: the normalised accuracy objective is inverted "
+                      f"there (evaluate more problems or check the sources)", stacklevel=2)
     store.update_search(cat, search_id, anchors={
-        "tasks": anchors.to_json(),
+        "tasks": anchors.to_json(), "inverted_tasks": inverted,
         "models": {"base": base["model_id"], "reasoning": reasoning["model_id"]}})
     return anchors
