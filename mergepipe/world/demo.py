@@ -18,7 +18,7 @@ from mergepipe.world.build import ensure_world
 
 # Early layers stay close to base, later layers lean to reasoning: a layer-wise
 # mix that lands between the two models on both accuracy and tokens.
-DEMO_LAYER_RAMP = (0.45, 0.75)
+DEMO_LAYER_RAMP = (0.5, 0.8)
 
 LINEAGE_SQL = """SELECT l.child, l.parent, l.role, l.weight, l.method,
        e.value AS parent_accuracy
