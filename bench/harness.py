@@ -1,7 +1,7 @@
 """Shared measuring tools for the benchmarks: cold caches, per-process cost, output diffs.
 
 Every tool under test runs as its own subprocess so that its wall time, peak
-RSS (``wait4`` rusage of that child alone) and physical bytes read (the
+RSS (the child's VmHWM, polled every 0.1 s) and physical bytes read (the
 child's ``/proc`` I/O counters, which Linux folds into the parent's when the
 child is reaped) are measured the same way for MergePipe and for mergekit.
 """
@@ -48,6 +48,18 @@ THREAD_ENV = {"OMP_NUM_THREADS": os.environ.get("BENCH_THREADS", "1"),
               "MKL_NUM_THREADS": os.environ.get("BENCH_THREADS", "1")}
 
 
+def _vm_hwm(pid: int) -> int:
+    """The child's own peak RSS. rusage's ru_maxrss would not do: Linux carries the
+    parent's RSS at fork through exec, so every child would report at least the bench's."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return 0
+
+
 def run_measured(cmd: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
     """Run ``cmd`` and return its wall time, peak RSS, physical reads/writes and output."""
     full_env = {**os.environ, **THREAD_ENV, **(env or {})}
@@ -56,7 +68,14 @@ def run_measured(cmd: list[str], env: dict[str, str] | None = None) -> dict[str,
         before = _proc_io()
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=full_env)
-        _, status, usage = os.wait4(proc.pid, 0)
+        hwm, status = 0, None
+        while status is None:
+            hwm = max(hwm, _vm_hwm(proc.pid))
+            pid, st, _ = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                status = st
+            else:
+                time.sleep(0.1)
         wall = time.perf_counter() - t0
         proc.returncode = os.waitstatus_to_exitcode(status)
         after = _proc_io()
@@ -64,7 +83,7 @@ def run_measured(cmd: list[str], env: dict[str, str] | None = None) -> dict[str,
         err.seek(0)
         stdout, stderr = out.read().decode(errors="replace"), err.read().decode(errors="replace")
     res = {"cmd": " ".join(cmd), "rc": proc.returncode, "wall_s": wall,
-           "peak_rss": usage.ru_maxrss * 1024,
+           "peak_rss": hwm,
            "read_bytes": after["read_bytes"] - before["read_bytes"],
            "rchar": after["rchar"] - before["rchar"],
            "write_bytes": after["write_bytes"] - before["write_bytes"],
