@@ -80,7 +80,10 @@ class BlockReader:
             return torch.zeros(shape, dtype=torch.float32, device=device)
         t = torch.frombuffer(buf, dtype=torch_dtype(read.dtype)).reshape(shape)
         t = t.to(device=device, dtype=torch.float32)
-        if not self.allow_nonfinite and not bool(torch.isfinite(t).all()):
+        # any NaN/Inf makes the sum non-finite; only then pay for the elementwise check
+        # (which also tells a true NaN/Inf from a sum that merely overflowed)
+        if not self.allow_nonfinite and not bool(torch.isfinite(t.sum())) \
+                and not bool(torch.isfinite(t).all()):
             name = self.sources[read.src].key
             raise MergePipeError(f"model {name!r} tensor {tensor!r} contains NaN or Inf "
                                  f"(pass --allow-nonfinite to merge anyway)")
