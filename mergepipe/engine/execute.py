@@ -22,8 +22,8 @@ from tqdm import tqdm
 from mergepipe.engine.reader import BlockReader
 from mergepipe.engine.writer import ShardWriter
 from mergepipe.engine.faults import crash_point
-from mergepipe.methods.base import TensorContext, get_method
-from mergepipe.planner.plan import Plan, TensorTask
+from mergepipe.methods.base import TensorContext, drops_base_equal_inputs, get_method
+from mergepipe.planner.plan import Plan, Read, TensorTask
 from mergepipe.safetensors_format import itemsize, torch_dtype
 
 DEFAULT_BLOCK_BYTES = 4 << 20
@@ -59,19 +59,66 @@ def peak_rss_bytes() -> int:
 
 
 def _chunks(task: TensorTask, block_bytes: int) -> Iterator[tuple[int, int]]:
+    """Row blocks of about ``block_bytes`` in float32, cut at every selected-row edge.
+
+    In budget mode an input reads only some row ranges; cutting there makes
+    every block either inside or outside each input's selection, so blocks
+    outside every selection need no expert math at all.
+    """
     rows = task.rows
     if task.scope != "block" or rows == 0:
         yield 0, rows
         return
     row_f32 = max(1, task.numel // rows) * 4
     step = max(1, block_bytes // row_f32)
-    for a in range(0, rows, step):
-        yield a, min(rows, a + step)
+    cuts = {0, rows}
+    for r in task.inputs:
+        for a, b in r.rows or ():
+            cuts.update((a, b))
+    edges = sorted(cuts)
+    for lo, hi in zip(edges, edges[1:]):
+        for a in range(lo, hi, step):
+            yield a, min(hi, a + step)
+
+
+def _selected(read: Read, a: int, b: int) -> bool:
+    """Whether rows [a, b) of this input differ from the base as far as the plan knows."""
+    if read.alias_base:
+        return False
+    return read.rows is None or any(lo < b and a < hi for lo, hi in read.rows)
 
 
 def _to_bytes(t: torch.Tensor, code: str) -> memoryview:
     out = t.to(dtype=torch_dtype(code)).contiguous().cpu()
     return memoryview(out.view(torch.uint8).numpy()).cast("B")
+
+
+PREFETCH_BYTES = 128 << 20
+
+
+class _Prefetcher:
+    """Keeps about PREFETCH_BYTES of upcoming reads requested from the kernel,
+    so the disk works while the current tensor is merged and written."""
+
+    def __init__(self, tasks: list[TensorTask], reader: BlockReader):
+        self.tasks, self.reader = tasks, reader
+        self.next = 0
+        self.cost = [sum(r.bytes_to_read(r.nbytes // t.rows if t.rows else 0)
+                         for r in self._reads(t)) for t in tasks]
+
+    @staticmethod
+    def _reads(task: TensorTask) -> list[Read]:
+        if task.scope == "copy":
+            return [task.base or task.inputs[0]]
+        return ([task.base] if task.base else []) + task.inputs
+
+    def advance(self, current: int) -> None:
+        self.next = max(self.next, current)
+        while self.next < len(self.tasks) and \
+                (self.next == current or sum(self.cost[current:self.next]) < PREFETCH_BYTES):
+            for r in self._reads(self.tasks[self.next]):
+                self.reader.prefetch(r, self.tasks[self.next].shape)
+            self.next += 1
 
 
 def _merge_task(task: TensorTask, plan: Plan, reader: BlockReader, writer: ShardWriter,
@@ -81,20 +128,34 @@ def _merge_task(task: TensorTask, plan: Plan, reader: BlockReader, writer: Shard
         writer.write(task.name, reader.raw(src, 0, src.nbytes))
         return
     method = get_method(plan.method)
+    # inputs equal to the base in a block (unselected in budget mode, or aliases)
+    # may be left out of that block when the method adds deltas to the base
+    drop = task.scope == "block" and task.base is not None \
+        and drops_base_equal_inputs(method, task.params)
     shape = task.shape
     for a, b in _chunks(task, block_bytes):
         base = reader.rows(task.base, shape, a, b, task.name, device) if task.base else None
+        idx = [i for i, r in enumerate(task.inputs) if not drop or _selected(r, a, b)]
+        if drop and not idx:  # every delta is zero here: the output is the base
+            writer.write(task.name, _to_bytes(base, task.out_dtype))
+            continue
         inputs = []
-        for r in task.inputs:
+        for i in idx:
+            r = task.inputs[i]
             if r.alias_base and base is not None:
                 inputs.append(base)
             elif r.rows is not None and base is not None:
                 inputs.append(reader.rows_over(r, shape, a, b, base, task.name))
             else:
                 inputs.append(reader.rows(r, shape, a, b, task.name, device))
-        ctx = TensorContext(name=task.name, shape=shape, input_keys=tuple(task.input_keys),
+        params = task.params
+        if len(idx) < len(task.inputs):
+            params = {**params, **{k: [params[k][i] for i in idx]
+                                   for k in method.model_params if k in params}}
+        ctx = TensorContext(name=task.name, shape=shape,
+                            input_keys=tuple(task.input_keys[i] for i in idx),
                             seed=plan.seed, row_start=a)
-        out = method.fn(ctx, base, inputs, task.params)
+        out = method.fn(ctx, base, inputs, params)
         writer.write(task.name, _to_bytes(out, task.out_dtype))
 
 
@@ -132,7 +193,9 @@ def execute_plan(plan: Plan, out_dir: str | Path, device: str = "cpu",
             tasks = [t for t in plan.tasks if t.shard == s]
             writer = ShardWriter(out_dir / fname, [(t.name, t.out_dtype, t.shape) for t in tasks])
             try:
+                prefetch = _Prefetcher(tasks, reader)
                 for i, task in enumerate(tasks):
+                    prefetch.advance(i)
                     _merge_task(task, plan, reader, writer, device, block_bytes)
                     bar.update(1)
                     if i == len(tasks) // 2:

@@ -65,7 +65,7 @@ class BlockReader:
         Used in budget mode: unselected expert blocks count as zero delta, so
         they take the base's values and cost no I/O.
         """
-        if read.rows is None:
+        if read.rows is None or any(lo <= a and b <= hi for lo, hi in read.rows):
             return self.rows(read, shape, a, b, tensor, fill.device)
         out = fill.clone()
         for ra, rb in read.rows:
@@ -73,6 +73,20 @@ class BlockReader:
             if lo < hi:
                 out[lo - a:hi - a] = self.rows(read, shape, lo, hi, tensor, fill.device)
         return out
+
+    def prefetch(self, read: Read, shape: tuple[int, ...]) -> None:
+        """Ask the kernel to start reading what ``read`` will need (no bytes counted:
+        they are counted when :meth:`raw` takes them)."""
+        if read.alias_base or read.rows == []:
+            return
+        fd = self._fd(read.src, read.file)
+        n_rows = shape[0] if shape else 1
+        row_bytes = read.nbytes // n_rows if n_rows else 0
+        ranges = [(0, read.nbytes)] if read.rows is None else \
+            [(a * row_bytes, (b - a) * row_bytes) for a, b in read.rows]
+        for start, length in ranges:
+            if length:
+                os.posix_fadvise(fd, read.offset + start, length, os.POSIX_FADV_WILLNEED)
 
     def _to_float(self, buf: bytearray, read: Read, shape: tuple[int, ...], tensor: str,
                   device: torch.device | str) -> torch.Tensor:

@@ -70,6 +70,16 @@ class MergeMethod:
         return self.scope
 
 
+def drops_base_equal_inputs(method: MergeMethod, params: dict[str, Any]) -> bool:
+    """Whether an input equal to the base (zero delta) contributes exactly nothing.
+
+    True when the method adds weighted deltas to a required base without
+    dividing by the summed weights: then such an input may be left out of the
+    computation entirely (a whole tensor in the planner, a row block in the engine).
+    """
+    return method.base == "required" and not params.get("normalize") and "weight" in params
+
+
 _REGISTRY: dict[str, MergeMethod] = {}
 
 

@@ -112,8 +112,9 @@ class TaskArithmeticFamily:
             mixed = deltas.mul_(mask).sum(dim=0)  # in place: deltas are not needed again
         else:
             mixed = deltas.sum(dim=0)
-            divisor = w.sum(dim=0).expand_as(mixed).clone()
-            divisor[divisor.abs() < 1e-8] = 1
+            total_w = float(w.sum())
+            divisor = torch.tensor(total_w if abs(total_w) >= 1e-8 else 1.0, dtype=base.dtype,
+                                   device=base.device)
         if params["normalize"]:
             mixed = mixed / divisor
         lam = float(params["lambda"])

@@ -25,7 +25,7 @@ from mergepipe.catalog.stats import analyze as analyze_stats
 from mergepipe.catalog.stats import load_block_stats, missing_stats
 from mergepipe.catalog.store import Catalog
 from mergepipe.errors import BudgetError, MergePipeError
-from mergepipe.methods.base import MergeMethod, get_method
+from mergepipe.methods.base import MergeMethod, drops_base_equal_inputs, get_method
 from mergepipe.planner.bound import coefficients, input_shares
 from mergepipe.planner.plan import Plan, Read, Source
 
@@ -163,10 +163,8 @@ def _drop_unread(plan: Plan, method: MergeMethod) -> None:
     engine need not reconstruct and merge it. Its weight is kept under
     ``unread_weights`` so the bound and ``explain`` still account for it.
     """
-    if method.base != "required":
-        return
     for t in plan.tasks:
-        if t.scope == "copy" or t.params.get("normalize") or "weight" not in t.params:
+        if t.scope == "copy" or not drops_base_equal_inputs(method, t.params):
             continue
         keep = [i for i, r in enumerate(t.inputs) if r.rows != []]
         if len(keep) == len(t.inputs):
