@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 
 # A layer container followed by its index and a dot, at the start or after a dot.
-_LAYER = re.compile(
+LAYER_PATTERN = re.compile(
     r"(?:^|\.)(?:layers|h|blocks|block|layer|decoder_layers)\.(?P<idx>\d+)\.(?P<module>.+)$")
 _MODULE_ALIASES = {
     "embed_tokens.weight": "embed_tokens",
@@ -24,7 +24,7 @@ _MODULE_ALIASES = {
 
 def parse_tensor_name(name: str) -> tuple[int | None, str]:
     """Return (layer index or None, module) for a checkpoint tensor name."""
-    m = _LAYER.search(name)
+    m = LAYER_PATTERN.search(name)
     if m:
         module = m.group("module")
         for suffix in (".weight", ".bias"):

@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from mergepipe.catalog.names import _LAYER as LAYER_PATTERN
+from mergepipe.catalog.names import LAYER_PATTERN
 from mergepipe.catalog.register import check_fresh
 from mergepipe.catalog.store import Catalog
 from mergepipe.errors import MergePipeError, SpecError
