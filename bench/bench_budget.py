@@ -24,8 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_merge import register_all  # noqa: E402
 from family import make_family  # noqa: E402
-from harness import (MERGEKIT_ENV, compare_models, dir_bytes, drop_cache, gib,  # noqa: E402
-                     merge_config, mergekit_cmd, mergepipe_cmd, run_measured)
+from harness import (MERGEKIT_ENV, THREAD_ENV, compare_models, dir_bytes, drop_cache,  # noqa: E402
+                     gib, merge_config, mergekit_cmd, mergepipe_cmd, run_measured)
 
 
 # The reference is mergekit's float32 full merge, which differs from MergePipe's
@@ -101,6 +101,14 @@ def markdown(doc: dict) -> str:
                  ", ".join(f"K={r['k']}: {r['analyze']['wall_s']:.1f} s "
                            f"({gib(r['analyze']['bytes_read'])} GiB read, "
                            f"{len(r['analyze']['analyzed'])} new)" for r in doc["grid"]))
+    loads = [x["loadavg_1m"] for r in doc["grid"] for x in r["runs"]] + \
+        [r["mergekit"]["loadavg_1m"] for r in doc["grid"]]
+    lines.append(f"\nLoad average (1 min) at the start of each run: {min(loads):.2f}–{max(loads):.2f} "
+                 f"on 2 cores; both tools ran with OMP_NUM_THREADS={THREAD_ENV['OMP_NUM_THREADS']}. "
+                 "Wall time is the whole command (process start, planning, merge, fsync, commit). "
+                 f"Command: `python bench/bench_budget.py --size {doc['size']} --ks "
+                 f"{' '.join(str(r['k']) for r in doc['grid'])} --budgets "
+                 f"{' '.join(map(str, doc['budgets']))}`")
     return "\n".join(lines) + "\n"
 
 
@@ -129,6 +137,7 @@ def plot(doc: dict, path: Path) -> None:
     fig.suptitle(f"Task arithmetic, {doc['size']} family, cold cache")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main() -> None:
