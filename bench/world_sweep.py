@@ -82,6 +82,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10, help="x in {0, 1/steps, …, 1}")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--json-out", type=Path)
+    ap.add_argument("--md-out", type=Path, help="Also write the table as markdown here.")
     args = ap.parse_args()
     xs = [i / args.steps for i in range(args.steps + 1)]
     with tempfile.TemporaryDirectory(prefix="world-sweep-") as tmp:
@@ -97,6 +98,24 @@ def main() -> None:
     print(text)
     if args.json_out:
         args.json_out.write_text(text + "\n")
+    if args.md_out:
+        args.md_out.write_text(markdown(result, args))
+
+
+def markdown(result: dict, args: argparse.Namespace) -> str:
+    lines = [f"# Uniform interpolation sweep, {result['size']} world ({result['n']} held-out "
+             "problems, greedy decoding, transformers on CPU)\n",
+             "`base + x·(reasoning − base)` through plan/apply; time = merge (plan + apply) "
+             "and evaluation wall seconds.\n",
+             "| x | accuracy | mean tokens | merge s | eval s | non-dominated |",
+             "|---:|---:|---:|---:|---:|---|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['x']:.2f} | {r['accuracy']:.3f} | {r['mean_tokens']:.2f} | "
+                     f"{r['merge_s']:.2f} | {r['eval_s']:.2f} | {'yes' if r['pareto'] else ''} |")
+    lines.append(f"\nNon-dominated mixes strictly between the endpoints on both objectives: "
+                 f"{result['intermediate_non_dominated']}. Command: `python bench/world_sweep.py "
+                 f"--size {args.size} --steps {args.steps} --md-out {args.md_out}`")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
