@@ -22,6 +22,9 @@ from mergepipe.search.surrogate import fit_surrogate
 ALGORITHMS = ("apbmm", "sync-qnehvi", "sobol", "grid-ta", "grid-ties")
 TIES_DENSITY = 0.5
 ANCHOR_POINTS = ((0.0, 1.0), (1.0, 0.0))  # base and reasoning, by construction
+DIAGONAL_POINTS = 19    # model-level merges added to AP-BMM's candidate pool
+PERTURBATIONS = 4       # moves around each Pareto point added to the pool
+PERTURB_SCALE = 0.08
 
 
 @dataclass
@@ -147,7 +150,8 @@ class APBMM(Algorithm):
         torch.manual_seed(_torch_seed(self.seed, history.X.shape[0]))
         model = fit_surrogate(history.X, history.Y, self.lengthscales)
         acq = build_acquisition(model, history.X, history.pending, seed=self.seed)
-        pool = optimise_pool(acq, self.dim, self.pool_factor * n)
+        pool = torch.cat([optimise_pool(acq, self.dim, self.pool_factor * n),
+                          self.seeds(history)])
         scores = score_each(acq, pool)
         with torch.no_grad():
             means = model.posterior(pool).mean.reshape(-1, 2)
@@ -156,6 +160,25 @@ class APBMM(Algorithm):
         front = front[pareto_mask(front)]
         picks = rerank(pool, scores, means, front, history.pending, n)
         return self.fill([pool[i].tolist() for i in picks], history, n)
+
+
+    def seeds(self, history: History) -> torch.Tensor:
+        """Candidates the gradient search may miss, scored by the same acquisition.
+
+        The model-level merges (every coefficient equal) are a line through the
+        layer-wise space that often carries the sources' trade-off, and small
+        moves around the current Pareto set refine what already works; adding
+        both to the pool lets the rerank weigh them against the acquisition's optima.
+        """
+        g = torch.Generator().manual_seed(_torch_seed(self.seed, history.X.shape[0]) + 1)
+        diagonal = torch.linspace(0.05, 0.95, DIAGONAL_POINTS, dtype=torch.double)
+        cands = [diagonal[:, None].expand(-1, self.dim)]
+        if history.X.shape[0]:
+            front = history.X[pareto_mask(history.Y)]
+            for _ in range(PERTURBATIONS):
+                step = torch.randn(front.shape, generator=g, dtype=torch.double) * PERTURB_SCALE
+                cands.append((front + step).clamp(0, 1))
+        return torch.cat(cands)
 
 
 _FACTORIES: dict[str, Callable[..., Algorithm]] = {
