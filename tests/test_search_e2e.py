@@ -134,3 +134,29 @@ def test_resume_after_kill_neither_loses_nor_repeats_finished_trials(tmp_path, w
     assert len({r["model_id"] for r in after}) == 6
     assert all(e["n"] == 2 for e in evaluated) and len(evaluated) == 6  # one evaluation each
     assert len({r["worker"].split(".")[0] for r in after}) == 2        # two coordinator sessions
+
+
+def test_a_failed_evaluation_is_recorded_at_the_reference_point_with_its_error(tmp_path, world):
+    """Workers die inside every merge (fault injection); the anchors, which only evaluate,
+    still succeed. Each trial must become a FAILED row at the reference point carrying the
+    worker's error, its run must be rolled back, and the search must still finish."""
+    home = tmp_path / "ws"
+    cfg = write_config(tmp_path / "search.yml", world, n_init=2, n_total=2, workers=1,
+                       algorithm="sobol", limit=4)
+    cmd = [sys.executable, "-c", "from mergepipe.cli import main; main()", "--home", str(home),
+           "search", "run", str(cfg), "--json"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1",
+                               "MERGEPIPE_CRASH_AT": "mid_write"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    final = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert final["failed"] == 2 and final["trials"] == 2 and final["hypervolume"] == 0
+    with open_catalog(home) as cat:
+        trials = cat.rows(sa.select(schema.trials).order_by(schema.trials.c.trial))
+        runs = cat.rows(sa.select(schema.runs))
+    assert [t["status"] for t in trials] == ["FAILED", "FAILED"]
+    assert all((t["f_acc"], t["f_cost"]) == tuple(REF_POINT) for t in trials)
+    assert all("died" in t["error"] and t["model_id"] is None for t in trials)
+    assert all(r["status"] != "PENDING" for r in runs)
+    sid = final["search_id"]
+    assert not list((home / "searches" / sid).glob("t*"))

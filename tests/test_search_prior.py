@@ -77,3 +77,32 @@ def test_measured_differences_grow_where_the_expert_moved(tmp_path):
     per_layer, head = param_diff_from_checkpoints(base, moved, 4)
     assert per_layer[2] > 0.1 and per_layer[0] == per_layer[1] == per_layer[3] == 0.0
     assert head == 0.0
+
+
+def test_parameter_prior_comes_from_block_statistics_when_analysed(tmp_path):
+    """Before `analyze` there are no statistics (the prior reads the checkpoints); after it,
+    the per-layer differences from the catalog equal those computed from the files."""
+    from conftest import make_llama
+    from safetensors.torch import load_file, save_file
+    from mergepipe import api
+    from mergepipe.catalog.stats import analyze
+    from mergepipe.search.source_diff import param_diff_from_stats
+    base = make_llama(tmp_path / "base", 0, layers=3, hidden=32)
+    moved = make_llama(tmp_path / "moved", 0, layers=3, hidden=32)
+    f = moved / "model.safetensors"
+    tensors = load_file(str(f))
+    torch.manual_seed(2)
+    for name in tensors:
+        scale = 0.3 if ".layers.1." in name else 0.01
+        tensors[name] = tensors[name] + scale * torch.randn_like(tensors[name])
+    save_file(tensors, str(f), metadata={"format": "pt"})
+    with api.open_catalog(tmp_path / "ws") as cat:
+        b = api.register(cat, base, name="base")
+        r = api.register(cat, moved, name="moved")
+        assert param_diff_from_stats(cat, r["model_id"], b["model_id"], 3) is None
+        analyze(cat, [cat.require_model("moved")], cat.require_model("base"), block_bytes=4096)
+        per_layer, head = param_diff_from_stats(cat, r["model_id"], b["model_id"], 3)
+    files_per_layer, files_head = param_diff_from_checkpoints(base, moved, 3)
+    assert per_layer == pytest.approx(files_per_layer, rel=1e-4)
+    assert head == pytest.approx(files_head, rel=1e-4)
+    assert per_layer[1] > 10 * max(per_layer[0], per_layer[2])

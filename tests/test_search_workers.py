@@ -99,3 +99,14 @@ def test_sobol_design_is_shared_by_algorithms_with_the_same_seed():
     assert make_algorithm("apbmm", space, 8, 40, 4).fixed_point(0) != a.fixed_point(0)
     grid = make_algorithm("grid-ta", space, 8, 3, 3)
     assert [grid.fixed_point(t) for t in range(3)] == [[0.25], [0.5], [0.75]]
+
+
+def test_apbmm_pool_adds_model_level_merges_and_moves_around_the_front():
+    space = LayerSpace(3)
+    alg = make_algorithm("apbmm", space, 4, 20, 0)
+    X = sobol_design(space.dim, 6, 0)
+    Y = _toy(X)
+    seeds = alg.seeds(History(X, Y, X[:0]))
+    diagonal = seeds[(seeds - seeds[:, :1]).abs().max(-1).values < 1e-12]
+    assert diagonal.shape[0] >= 19 and float(diagonal.min()) > 0 and float(diagonal.max()) < 1
+    assert seeds.shape[0] > diagonal.shape[0] and float(seeds.min()) >= 0 and float(seeds.max()) <= 1

@@ -148,7 +148,13 @@ class APBMM(Algorithm):
 
     def propose(self, history: History, n: int) -> list[list[float]]:
         torch.manual_seed(_torch_seed(self.seed, history.X.shape[0]))
-        model = fit_surrogate(history.X, history.Y, self.lengthscales)
+        # the two sources sit at the corners of the space with known objectives:
+        # the surrogate learns from them, the front to improve on is the trials' own
+        corners = torch.stack([torch.zeros(self.dim), torch.ones(self.dim)]).to(torch.double)
+        model = fit_surrogate(torch.cat([history.X, corners]),
+                              torch.cat([history.Y, torch.tensor(ANCHOR_POINTS,
+                                                                 dtype=torch.double)]),
+                              self.lengthscales)
         acq = build_acquisition(model, history.X, history.pending, seed=self.seed)
         pool = torch.cat([optimise_pool(acq, self.dim, self.pool_factor * n),
                           self.seeds(history)])
