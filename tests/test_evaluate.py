@@ -12,7 +12,7 @@ from mergepipe.evaluate import (TaskItem, evaluate_model, extract_answer, load_t
                                 resolve_task)
 
 sys.path.insert(0, str(Path(__file__).parent))
-from world_fixtures import final_number, greedy_reference, test_world_dir  # noqa: E402
+from world_fixtures import final_number, greedy_reference, built_test_world  # noqa: E402
 
 
 def _write(path: Path, text: str) -> Path:
@@ -76,7 +76,7 @@ def test_normalize_makes_equal_numbers_equal():
 
 def test_transformers_backend_matches_hand_written_greedy_decoding(tmp_path):
     """Accuracy and token counts equal an independent one-prompt-at-a-time greedy loop."""
-    world = test_world_dir()
+    world = built_test_world()
     model = world / "reasoning"
     rows = [json.loads(line) for line in (world / "test.jsonl").read_text().splitlines()][:24]
     prompts = [r["prompt"] for r in rows]
@@ -110,7 +110,7 @@ def test_transformers_backend_matches_hand_written_greedy_decoding(tmp_path):
 
 
 def test_eval_command_prints_json_and_records_in_catalog(cli):
-    world = test_world_dir()
+    world = built_test_world()
     res = cli("eval", str(world / "base"), "--task", str(world / "test.jsonl"),
               "--limit", "10", "--json", "--device", "cpu")
     out = json.loads(res.stdout.strip().splitlines()[-1])
@@ -141,5 +141,5 @@ def test_vllm_backend_says_how_to_install_when_missing(tmp_path):
     if vllm_available():
         pytest.skip("vllm is installed here")
     with pytest.raises(MergePipeError, match="optional `vllm` package"):
-        evaluate_model(test_world_dir() / "base", _write(
+        evaluate_model(built_test_world() / "base", _write(
             tmp_path / "t.jsonl", '{"prompt": "p", "answer": "1"}\n'), backend="vllm")

@@ -17,12 +17,12 @@ from mergepipe.world.problems import random_problem, sample
 from mergepipe.world.tokenizer import build_tokenizer
 
 sys.path.insert(0, str(Path(__file__).parent))
-from world_fixtures import test_world_dir  # noqa: E402
+from world_fixtures import built_test_world  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def world() -> Path:
-    return test_world_dir()
+    return built_test_world()
 
 
 def _files(root: Path) -> dict[str, bytes]:

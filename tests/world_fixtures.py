@@ -13,7 +13,7 @@ import torch
 
 
 @functools.lru_cache(maxsize=None)
-def test_world_dir() -> Path:
+def built_test_world() -> Path:
     from mergepipe.world import ensure_world
     return ensure_world("test")
 
