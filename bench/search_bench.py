@@ -72,6 +72,21 @@ def table(rows: list[dict], label: str) -> list[str]:
     return out + [""]
 
 
+def per_seed(rows: list[dict]) -> list[str]:
+    """Hypervolume of every (algorithm, seed) run, and the mean, natural times."""
+    seeds = sorted({r["seed"] for r in rows})
+    out = ["Per-seed hypervolume (natural times):", "",
+           "| algorithm | " + " | ".join(f"seed {s}" for s in seeds) + " | mean |",
+           "|---|" + "---:|" * (len(seeds) + 1)]
+    by_alg: dict[str, dict[int, float]] = {}
+    for r in rows:
+        by_alg.setdefault(r["algorithm"], {})[r["seed"]] = r["hypervolume"]
+    for alg, hv in by_alg.items():
+        cells = [f"{hv[s]:.4f}" if s in hv else "–" for s in seeds]
+        out.append(f"| {alg} | " + " | ".join(cells) + f" | {statistics.mean(hv.values()):.4f} |")
+    return out + [""]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--world", default="default", help="tiny world size (test | default)")
@@ -128,6 +143,7 @@ def main() -> None:
     if stretched:
         lines += table(stretched, f"evaluation times × Pareto(α={args.stretch_alpha}) factor "
                                   f"(emulation of large-model evaluation variance)")
+    lines += per_seed(results)
     text = "\n".join(lines)
     print(text)
     (out / "search_bench.md").write_text(text + "\n")

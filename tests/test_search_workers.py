@@ -110,3 +110,26 @@ def test_apbmm_pool_adds_model_level_merges_and_moves_around_the_front():
     diagonal = seeds[(seeds - seeds[:, :1]).abs().max(-1).values < 1e-12]
     assert diagonal.shape[0] >= 19 and float(diagonal.min()) > 0 and float(diagonal.max()) < 1
     assert seeds.shape[0] > diagonal.shape[0] and float(seeds.min()) >= 0 and float(seeds.max()) <= 1
+
+
+def test_apbmm_bridges_the_largest_front_gaps_including_the_sources():
+    space = LayerSpace(3)
+    alg = make_algorithm("apbmm", space, 4, 20, 0)
+    # the front with the sources at its ends: base (x=0) → a → b → c → reasoning (x=1);
+    # gap lengths ≈ 0.11, 0.65, 0.78, 0.06: the three at or above the (lower) median
+    # are bridged, the short one next to reasoning is not
+    X = torch.tensor([[0.1] * 4, [0.6] * 4, [0.9] * 4], dtype=torch.double)
+    Y = torch.tensor([[0.05, 0.9], [0.4, 0.4], [0.95, 0.03]], dtype=torch.double)
+    bridges = alg.bridges(History(X, Y, X[:0]))
+    assert bridges.shape == (3 * 3, space.dim)
+    got = sorted(round(float(v), 6) for v in bridges[:, 0])
+    want = sorted(round(a + t * (b - a), 6) for a, b in ((0.0, 0.1), (0.1, 0.6), (0.6, 0.9))
+                  for t in (0.25, 0.5, 0.75))
+    assert got == want
+    # a dominated trial is no end of a bridge
+    Xd = torch.cat([X, torch.full((1, 4), 0.3, dtype=torch.double)])
+    Yd = torch.cat([Y, torch.tensor([[0.0, 0.3]], dtype=torch.double)])
+    assert torch.equal(alg.bridges(History(Xd, Yd, Xd[:0])), bridges)
+    # and they are part of the pool the acquisition scores
+    pool = alg.seeds(History(X, Y, X[:0]))
+    assert all(bool((rms_distance(b[None], pool) < 1e-12).any()) for b in bridges)

@@ -25,6 +25,7 @@ ANCHOR_POINTS = ((0.0, 1.0), (1.0, 0.0))  # base and reasoning, by construction
 DIAGONAL_POINTS = 19    # model-level merges added to AP-BMM's candidate pool
 PERTURBATIONS = 4       # moves around each Pareto point added to the pool
 PERTURB_SCALE = 0.08
+BRIDGE_STEPS = (0.25, 0.5, 0.75)  # where along a front gap bridging candidates sit
 
 
 @dataclass
@@ -125,6 +126,18 @@ class TiesGrid(GridSearch):
     method = "ties"
 
 
+def with_sources(history: "History") -> tuple[torch.Tensor, torch.Tensor]:
+    """The finished trials plus the two sources at the corners of the space.
+
+    x = 0 is the base and x = 1 the reasoning model; their objectives are known
+    by construction of the normalisation, so they cost no evaluation.
+    """
+    dim = history.X.shape[-1]
+    corners = torch.stack([torch.zeros(dim), torch.ones(dim)]).to(torch.double)
+    return (torch.cat([history.X, corners]),
+            torch.cat([history.Y, torch.tensor(ANCHOR_POINTS, dtype=torch.double)]))
+
+
 def _torch_seed(seed: int, n_obs: int) -> int:
     return (seed * 100_003 + n_obs) % (2 ** 31)
 
@@ -150,11 +163,7 @@ class APBMM(Algorithm):
         torch.manual_seed(_torch_seed(self.seed, history.X.shape[0]))
         # the two sources sit at the corners of the space with known objectives:
         # the surrogate learns from them, the front to improve on is the trials' own
-        corners = torch.stack([torch.zeros(self.dim), torch.ones(self.dim)]).to(torch.double)
-        model = fit_surrogate(torch.cat([history.X, corners]),
-                              torch.cat([history.Y, torch.tensor(ANCHOR_POINTS,
-                                                                 dtype=torch.double)]),
-                              self.lengthscales)
+        model = fit_surrogate(*with_sources(history), self.lengthscales)
         acq = build_acquisition(model, history.X, history.pending, seed=self.seed)
         pool = torch.cat([optimise_pool(acq, self.dim, self.pool_factor * n),
                           self.seeds(history)])
@@ -172,9 +181,10 @@ class APBMM(Algorithm):
         """Candidates the gradient search may miss, scored by the same acquisition.
 
         The model-level merges (every coefficient equal) are a line through the
-        layer-wise space that often carries the sources' trade-off, and small
-        moves around the current Pareto set refine what already works; adding
-        both to the pool lets the rerank weigh them against the acquisition's optima.
+        layer-wise space that often carries the sources' trade-off, small moves
+        around the current Pareto set refine what already works, and bridges
+        across the front's large gaps aim at where it is thinnest; adding them to
+        the pool lets the rerank weigh them against the acquisition's optima.
         """
         g = torch.Generator().manual_seed(_torch_seed(self.seed, history.X.shape[0]) + 1)
         diagonal = torch.linspace(0.05, 0.95, DIAGONAL_POINTS, dtype=torch.double)
@@ -184,7 +194,31 @@ class APBMM(Algorithm):
             for _ in range(PERTURBATIONS):
                 step = torch.randn(front.shape, generator=g, dtype=torch.double) * PERTURB_SCALE
                 cands.append((front + step).clamp(0, 1))
+            if BRIDGE_STEPS:
+                cands.append(self.bridges(history))
         return torch.cat(cands)
+
+    def bridges(self, history: History) -> torch.Tensor:
+        """Points on the segments between neighbours of the front that border a large gap.
+
+        Merges change smoothly enough along a line in coefficient space that the
+        midway merge of two Pareto models often lands between them in objective
+        space, which is where the front needs points; the sources close the front
+        at both ends.
+        """
+        X, Y = with_sources(history)
+        mask = pareto_mask(Y)
+        Xf, Yf = X[mask], Y[mask]
+        order = torch.argsort(Yf[:, 0])
+        Xf, Yf = Xf[order], Yf[order]
+        if Xf.shape[0] < 2:
+            return torch.zeros(0, self.dim, dtype=torch.double)
+        lengths = (Yf[1:] - Yf[:-1]).norm(dim=-1)
+        out = []
+        for i in torch.nonzero(lengths >= lengths.median()).reshape(-1).tolist():
+            for t in BRIDGE_STEPS:
+                out.append(Xf[i] + t * (Xf[i + 1] - Xf[i]))
+        return torch.stack(out) if out else torch.zeros(0, self.dim, dtype=torch.double)
 
 
 _FACTORIES: dict[str, Callable[..., Algorithm]] = {
