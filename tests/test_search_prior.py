@@ -61,19 +61,25 @@ def test_probe_prompts_refuse_the_evaluation_split(tmp_path):
         probe_prompts(test, 3, exclude=[test])
 
 
-def test_measured_differences_grow_where_the_expert_moved(tmp_path):
-    """A reasoning model that differs from the base only in layer 2 shows it in both signals."""
+def _base_and_moved(tmp_path, layers: int, seed: int, scale):
+    """Two identical tiny checkpoints, then Gaussian noise of `scale(name)` added to the second."""
     from conftest import make_llama
     from safetensors.torch import load_file, save_file
-    base = make_llama(tmp_path / "base", 0, layers=4, hidden=32)
-    moved = make_llama(tmp_path / "moved", 0, layers=4, hidden=32)
+    base = make_llama(tmp_path / "base", 0, layers=layers, hidden=32)
+    moved = make_llama(tmp_path / "moved", 0, layers=layers, hidden=32)
     f = moved / "model.safetensors"
     tensors = load_file(str(f))
-    torch.manual_seed(1)
+    torch.manual_seed(seed)
     for name in tensors:
-        if ".layers.2." in name:
-            tensors[name] = tensors[name] + 0.5 * torch.randn_like(tensors[name])
+        tensors[name] = tensors[name] + scale(name) * torch.randn_like(tensors[name])
     save_file(tensors, str(f), metadata={"format": "pt"})
+    return base, moved
+
+
+def test_measured_differences_grow_where_the_expert_moved(tmp_path):
+    """A reasoning model that differs from the base only in layer 2 shows it in both signals."""
+    base, moved = _base_and_moved(tmp_path, 4, seed=1,
+                                  scale=lambda name: 0.5 if ".layers.2." in name else 0.0)
     per_layer, head = param_diff_from_checkpoints(base, moved, 4)
     assert per_layer[2] > 0.1 and per_layer[0] == per_layer[1] == per_layer[3] == 0.0
     assert head == 0.0
@@ -82,20 +88,11 @@ def test_measured_differences_grow_where_the_expert_moved(tmp_path):
 def test_parameter_prior_comes_from_block_statistics_when_analysed(tmp_path):
     """Before `analyze` there are no statistics (the prior reads the checkpoints); after it,
     the per-layer differences from the catalog equal those computed from the files."""
-    from conftest import make_llama
-    from safetensors.torch import load_file, save_file
     from mergepipe import api
     from mergepipe.catalog.stats import analyze
     from mergepipe.search.source_diff import param_diff_from_stats
-    base = make_llama(tmp_path / "base", 0, layers=3, hidden=32)
-    moved = make_llama(tmp_path / "moved", 0, layers=3, hidden=32)
-    f = moved / "model.safetensors"
-    tensors = load_file(str(f))
-    torch.manual_seed(2)
-    for name in tensors:
-        scale = 0.3 if ".layers.1." in name else 0.01
-        tensors[name] = tensors[name] + scale * torch.randn_like(tensors[name])
-    save_file(tensors, str(f), metadata={"format": "pt"})
+    base, moved = _base_and_moved(tmp_path, 3, seed=2,
+                                  scale=lambda name: 0.3 if ".layers.1." in name else 0.01)
     with api.open_catalog(tmp_path / "ws") as cat:
         b = api.register(cat, base, name="base")
         r = api.register(cat, moved, name="moved")
