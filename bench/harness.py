@@ -163,3 +163,18 @@ def gib(n: float) -> str:
 
 def torch_threads() -> int:
     return torch.get_num_threads()
+
+
+def machine() -> str:
+    """CPU model, cores and load: training and timings differ between machines, so every
+    results file says which one it came from."""
+    model = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    return f"{model}, {os.cpu_count()} cores, load average {load} at the end"

@@ -17,6 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from harness import machine
+
 from mergepipe import api
 from mergepipe.cli.common import format_rows
 from mergepipe.evaluate import evaluate_model, load_task
@@ -114,7 +116,8 @@ def markdown(result: dict, args: argparse.Namespace) -> str:
                      f"{r['merge_s']:.2f} | {r['eval_s']:.2f} | {'yes' if r['pareto'] else ''} |")
     lines.append(f"\nNon-dominated mixes strictly between the endpoints on both objectives: "
                  f"{result['intermediate_non_dominated']}. Command: `python bench/world_sweep.py "
-                 f"--size {args.size} --steps {args.steps} --md-out {args.md_out}`")
+                 f"--size {args.size} --steps {args.steps} --md-out {args.md_out}`. "
+                 f"Machine: {machine()}.")
     return "\n".join(lines) + "\n"
 
 
