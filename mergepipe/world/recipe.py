@@ -58,7 +58,7 @@ SIZES: dict[str, WorldRecipe] = {
                         max_steps=4, n_train=4000, n_test=100,
                         pretrain_steps=400, finetune_steps=150, batch_size=32),
     "default": WorldRecipe(size="default", hidden=96, layers=3, heads=4, intermediate=192,
-                           max_steps=5, pretrain_steps=1100, finetune_steps=250,
+                           max_steps=5, pretrain_steps=1100, finetune_steps=150,
                            batch_size=32),
 }
 
