@@ -148,7 +148,7 @@ def main() -> None:
     walls = {a: statistics.median(r["wall_s"] for r in stretched if r["algorithm"] == a)
              for a in ("apbmm", "sync-qnehvi") if any(r["algorithm"] == a for r in stretched)}
     if len(walls) == 2:
-        lines += ["", f"Stretched times: AP-BMM's median wall time is {walls['apbmm']:.1f} s against "
+        lines += [f"Stretched times: AP-BMM's median wall time is {walls['apbmm']:.1f} s against "
                   f"synchronous qLogNEHVI's {walls['sync-qnehvi']:.1f} s "
                   f"({walls['sync-qnehvi'] / walls['apbmm']:.2f}× faster) at the same "
                   f"{args.n_total} evaluations."]

@@ -115,8 +115,7 @@ def markdown(result: dict, args: argparse.Namespace) -> str:
         lines.append(f"| {r['x']:.2f} | {r['accuracy']:.3f} | {r['mean_tokens']:.2f} | "
                      f"{r['merge_s']:.2f} | {r['eval_s']:.2f} | {'yes' if r['pareto'] else ''} |")
     lines.append(f"\nNon-dominated mixes strictly between the endpoints on both objectives: "
-                 f"{result['intermediate_non_dominated']}. Command: `python bench/world_sweep.py "
-                 f"--size {args.size} --steps {args.steps} --md-out {args.md_out}`. "
+                 f"{result['intermediate_non_dominated']}. Command: `python {' '.join(sys.argv)}`. "
                  f"Machine: {machine()}.")
     return "\n".join(lines) + "\n"
 
