@@ -160,3 +160,34 @@ def test_a_failed_evaluation_is_recorded_at_the_reference_point_with_its_error(t
     assert all(r["status"] != "PENDING" for r in runs)
     sid = final["search_id"]
     assert not list((home / "searches" / sid).glob("t*"))
+
+
+def test_a_trial_that_fails_to_finish_leaves_no_evaluation_rows(tmp_path, world, monkeypatch):
+    """Evaluations and the DONE mark commit together: if marking the trial fails after its
+    evaluations were written (as a kill there would), none of them may stay behind, or a
+    resume would evaluate the same model a second time."""
+    from mergepipe.search import store
+    from mergepipe.search.config import SearchConfig
+    from mergepipe.search.coordinator import start_search
+
+    real = store.finish_trial
+
+    def fail_first_done(cat, search_id, trial, *, ok, **kw):
+        if ok and trial == 0:
+            raise RuntimeError("catalog write failed")
+        return real(cat, search_id, trial, ok=ok, **kw)
+
+    monkeypatch.setattr(store, "finish_trial", fail_first_done)
+    cfg = SearchConfig.from_yaml(write_config(tmp_path / "search.yml", world, n_init=2,
+                                              n_total=2, workers=1, algorithm="sobol",
+                                              limit=4))
+    home = tmp_path / "ws"
+    with open_catalog(home) as cat:
+        summary = start_search(cat, cfg, home, keep_all=True)
+        trials = cat.rows(sa.select(schema.trials).order_by(schema.trials.c.trial))
+        evaluated = {r["model_id"] for r in cat.rows(sa.select(schema.evaluations.c.model_id))}
+        sources = {r["model_id"] for r in cat.rows(
+            sa.select(schema.models.c.model_id).where(schema.models.c.kind != "merged"))}
+    assert summary["failed"] == 1 and [t["status"] for t in trials] == ["FAILED", "DONE"]
+    assert "catalog write failed" in trials[0]["error"]
+    assert evaluated - sources == {trials[1]["model_id"]}

@@ -197,17 +197,20 @@ class SearchRun:
                                          name=f"search-{self.sid[:8]}-t{r.trial:03d}")
                     model_id = res.model_id
                 metrics = r.value["metrics"]
-                for task, m in metrics.items():
-                    self.cat.record_evaluation(model_id, task, {
-                        "accuracy": m["accuracy"], "mean_tokens": m["mean_tokens"]},
-                        n=m["n"], backend=m["backend"], split="test", wall_s=m["wall_s"])
                 f = self.anchors.objectives(metrics)
                 k = len(metrics)
-                store.finish_trial(
-                    self.cat, self.sid, r.trial, ok=True, objectives=f, started=r.started,
-                    finished=r.finished, model_id=model_id,
-                    accuracy=sum(m["accuracy"] for m in metrics.values()) / k,
-                    mean_tokens=sum(m["mean_tokens"] for m in metrics.values()) / k)
+                # one transaction: a kill can never leave evaluations of a trial that resume
+                # would run again
+                with self.cat.transaction():
+                    for task, m in metrics.items():
+                        self.cat.record_evaluation(model_id, task, {
+                            "accuracy": m["accuracy"], "mean_tokens": m["mean_tokens"]},
+                            n=m["n"], backend=m["backend"], split="test", wall_s=m["wall_s"])
+                    store.finish_trial(
+                        self.cat, self.sid, r.trial, ok=True, objectives=f, started=r.started,
+                        finished=r.finished, model_id=model_id,
+                        accuracy=sum(m["accuracy"] for m in metrics.values()) / k,
+                        mean_tokens=sum(m["mean_tokens"] for m in metrics.values()) / k)
                 self.X.append(inf.x)
                 self.Y.append(list(f))
                 self._collect_garbage(store.trials(self.cat, self.sid))
