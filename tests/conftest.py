@@ -7,16 +7,30 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
-import pytest
-import sqlalchemy as sa
-import torch
-from click.testing import CliRunner
+# Everything a test run writes stays in one temporary home, removed at the end:
+# the world cache, DuckDB's extension folder, torch's extension cache and
+# matplotlib's config all follow HOME / XDG, in this process and its children.
+_HOME = Path(tempfile.mkdtemp(prefix="mergepipe-tests-"))
+os.environ.update({
+    "HOME": str(_HOME), "XDG_CACHE_HOME": str(_HOME / ".cache"),
+    "XDG_CONFIG_HOME": str(_HOME / ".config"), "MPLCONFIGDIR": str(_HOME / ".config" / "mpl"),
+    "TORCH_EXTENSIONS_DIR": str(_HOME / ".cache" / "torch_extensions"),
+    "MERGEPIPE_CACHE": str(_HOME / ".cache" / "mergepipe"),
+    "HF_HOME": str(_HOME / ".cache" / "huggingface"),
+    "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+import pytest  # noqa: E402
+import sqlalchemy as sa  # noqa: E402
+import torch  # noqa: E402
+from click.testing import CliRunner  # noqa: E402
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    shutil.rmtree(_HOME, ignore_errors=True)
 
 
 def make_llama(path: Path, seed: int, layers: int = 4, hidden: int = 32, vocab: int = 128,

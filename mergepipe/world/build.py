@@ -46,7 +46,7 @@ def split_problems(recipe: WorldRecipe) -> tuple[list[Problem], list[Problem]]:
     return train_set, test
 
 
-def pretraining_text(problems: list[Problem], max_steps: int, seed: int) -> list[Example]:
+def pretraining_text(problems: list[Problem], recipe: WorldRecipe) -> list[Example]:
     """Arithmetic text with loss on the whole sequence, in the habit of someone
     who shows their work more often the longer the chain is.
 
@@ -55,10 +55,11 @@ def pretraining_text(problems: list[Problem], max_steps: int, seed: int) -> list
     work: merges between the two fine-tunes then write steps on hard problems
     first, and direct answering stays weak where it was rarely practised.
     """
-    rng = random.Random(seed)
+    rng = random.Random(recipe.seed + 3)
+    floor, span = recipe.show_work_floor, max(1, recipe.max_steps - recipe.min_steps)
     out = []
     for p in problems:
-        show_work = 0.1 + 0.9 * (p.steps - 1) / max(1, max_steps - 1)
+        show_work = floor + (1 - floor) * (p.steps - recipe.min_steps) / span
         for _ in range(2):
             style = p.reasoning() if rng.random() < show_work else p.direct()
             out.append(Example(p.prompt, style, full=True))
@@ -116,7 +117,7 @@ def build_world(recipe: WorldRecipe, out: Path, log: bool = False) -> dict:
         write_jsonl(test, stage / "test.jsonl")
         model = new_model(recipe, tok)
         pad = tok.pad_token_id
-        text = encode(tok, pretraining_text(train_set, recipe.max_steps, recipe.seed + 3))
+        text = encode(tok, pretraining_text(train_set, recipe))
         losses = train(model, text, recipe.pretrain_steps, recipe.pretrain_lr,
                        recipe.batch_size, recipe.seed, pad)
         timings["pretrain_s"] = time.perf_counter() - t0

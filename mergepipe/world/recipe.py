@@ -36,6 +36,7 @@ class WorldRecipe:
     n_train: int = 20000
     n_test: int = 300
     # shared pretraining on arithmetic text, then two fine-tunes
+    show_work_floor: float = 0.1  # pretraining: share of the shortest chains worked through
     pretrain_steps: int = 1500
     pretrain_lr: float = 3e-3
     finetune_steps: int = 300
@@ -53,11 +54,16 @@ class WorldRecipe:
         return f"{self.size}-{h.hexdigest()[:12]}"
 
 
+# Heads are 32 wide, a size vLLM's CPU attention serves. Chains start at two
+# steps: one-step chains are a single lookup either way, so they would only blur
+# the trade-off, and the shortest chains are where a short training run is
+# least sure to learn the written style.
 SIZES: dict[str, WorldRecipe] = {
-    "test": WorldRecipe(size="test", hidden=64, layers=2, heads=4, intermediate=128,
-                        max_steps=4, n_train=4000, n_test=100,
-                        pretrain_steps=400, finetune_steps=150, batch_size=32),
-    "default": WorldRecipe(size="default", hidden=96, layers=3, heads=4, intermediate=192,
+    "test": WorldRecipe(size="test", hidden=64, layers=2, heads=2, intermediate=128,
+                        min_steps=2, max_steps=4, n_train=4000, n_test=100,
+                        show_work_floor=0.4, pretrain_steps=600, finetune_steps=150,
+                        batch_size=64),
+    "default": WorldRecipe(size="default", hidden=96, layers=3, heads=3, intermediate=192,
                            max_steps=5, pretrain_steps=1100, finetune_steps=150,
                            batch_size=32),
 }
