@@ -109,6 +109,11 @@ def verify(path: str | Path) -> VerifyResult:
 _READ_ONLY_TYPES = {"SELECT", "EXPLAIN", "PRAGMA"}
 _EXPLAIN = re.compile(r"^\s*EXPLAIN\b\s*(?:\(.*?\)\s*)?(?:ANALY[SZ]E\b)?(.*)$",
                       re.IGNORECASE | re.DOTALL)
+_PRAGMA = re.compile(r"^\s*PRAGMA\s+(\w+)", re.IGNORECASE)
+# pragmas that only describe the database; the others set options (profiling files...)
+_READ_PRAGMAS = {"table_info", "show_tables", "show_tables_expanded", "database_size",
+                 "database_list", "storage_info", "show", "version", "platform",
+                 "metadata_info", "collations", "functions", "user_agent"}
 DEFAULT_SQL_TIMEOUT = 5.0
 
 
@@ -125,6 +130,12 @@ def _check_read_only(query: str) -> None:
     kind = stmts[0].type.name
     if kind not in _READ_ONLY_TYPES:
         raise MergePipeError(f"`mergepipe sql` is read-only: {kind} statements are refused")
+    if kind == "PRAGMA":
+        m = _PRAGMA.match(stmts[0].query)
+        if not m or m.group(1).lower() not in _READ_PRAGMAS:
+            raise MergePipeError(f"`mergepipe sql` is read-only: PRAGMA "
+                                 f"{m.group(1) if m else ''} is refused (allowed: "
+                                 f"{', '.join(sorted(_READ_PRAGMAS))})")
     if kind == "EXPLAIN":
         m = _EXPLAIN.match(stmts[0].query)
         inner = duckdb.extract_statements(m.group(1)) if m and m.group(1).strip() else []
