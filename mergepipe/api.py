@@ -96,9 +96,11 @@ def apply_plan(cat: Catalog, plan: Plan, out: str | Path, name: str | None = Non
         report = execute_plan(plan, ticket.staging, device=device, block_bytes=block_bytes,
                               allow_nonfinite=allow_nonfinite, progress=progress)
         return commit_run(cat, plan, ticket, report, name)
-    except BaseException:
+    except BaseException as exc:
         abort_run(cat, ticket)
         _forget_fresh_models(cat, [])
+        if isinstance(exc, OSError) and exc.filename is None:
+            exc.filename = ticket.out  # a failed write names no file; say where it went
         raise
 
 

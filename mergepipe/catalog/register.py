@@ -97,6 +97,8 @@ def scan(path: str | Path) -> ScannedModel:
                                          f"{seen[name]} and {rel}")
             seen[name] = rel
         headers[rel] = header
+    if not seen:
+        raise BadCheckpointError(f"{path}: the safetensors files hold no tensors")
     index = path / INDEX_FILE
     if index.exists():
         weight_map = json.loads(index.read_text())["weight_map"]

@@ -54,7 +54,7 @@ def os_error_line(exc: OSError) -> str:
     if exc.errno == errno.ENOSPC or exc.errno == errno.EFBIG:
         what += " (no room left to write the output)"
     paths = [p for p in (exc.filename, exc.filename2) if p is not None]
-    line = f"{what}: {' -> '.join(map(str, paths))}" if paths else f"{what}: {exc}"
+    line = f"{what}: {' -> '.join(map(str, paths))}" if paths else what
     return " ".join(line.split())
 
 
