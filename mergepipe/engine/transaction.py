@@ -371,8 +371,11 @@ def committed_result(cat: Catalog, plan: Plan) -> ApplyResult | None:
     rows = cat.rows(sa.select(r, m.c.name).join(m, m.c.model_id == r.c.model_id).where(
         r.c.plan_id == plan.plan_id, r.c.status == "COMMITTED").order_by(r.c.finished_at.desc()))
     for row in rows:
-        manifest = Path(row["out_path"]) / MANIFEST
-        if manifest.exists() and json.loads(manifest.read_text()).get("plan_id") == plan.plan_id:
+        try:
+            manifest = json.loads((Path(row["out_path"]) / MANIFEST).read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(manifest, dict) and manifest.get("plan_id") == plan.plan_id:
             return ApplyResult(
                 plan_id=plan.plan_id, run_id=row["run_id"], model=row["name"],
                 model_id=row["model_id"], out=row["out_path"],

@@ -90,7 +90,7 @@ def validate_setting(name: str, value: Any, num_layers: int | None = None,
     if isinstance(value, dict):
         if set(value) - {"layers", "default"} or "layers" not in value:
             raise SpecError(f"parameter {name!r}: a mapping must be {{filter, value}} or "
-                            f"{{layers: [...], default: v}}, got keys {sorted(value)}")
+                            f"{{layers: [...], default: v}}, got keys {sorted(map(str, value))}")
         layers = value["layers"]
         if not isinstance(layers, list) or not layers or \
                 not all(_as_number(v) is not None for v in layers):

@@ -168,6 +168,9 @@ def check_spec_size(doc: Any, where: str) -> None:
 def parse_spec(source: str | Path | dict[str, Any], seed: int | None = None) -> MergeSpec:
     """Validate a spec's structure, method and parameter names (not the models)."""
     raw = load_spec_dict(source)
+    odd = [k for k in raw if not isinstance(k, str)]
+    if odd:
+        raise SpecError(f"spec key {odd[0]!r} is not a name")
     bad = set(raw) & UNSUPPORTED_TOP
     if bad:
         raise SpecError(f"spec key {sorted(bad)[0]!r} is not supported by mergepipe")
@@ -191,15 +194,16 @@ def parse_spec(source: str | Path | dict[str, Any], seed: int | None = None) -> 
             raise SpecError(f"models[{i}]: expected a mapping with 'model'")
         extra = set(m) - MODEL_KEYS
         if extra:
-            raise SpecError(f"models[{i}]: unknown key {sorted(extra)[0]!r}")
+            raise SpecError(f"models[{i}]: unknown key {sorted(map(str, extra))[0]!r}")
         params = m.get("parameters") or {}
         _check_params(method, params, f"models[{i}].parameters", per_model=True)
         models.append(ModelInput(_ref(m["model"], f"models[{i}]"), dict(params)))
     slices = _parse_slices(method, raw["slices"]) if raw.get("slices") is not None else None
     if slices is None and not models:
         raise SpecError("spec lists no models")
-    parameters = dict(raw.get("parameters") or {})
+    parameters = raw.get("parameters") or {}
     _check_params(method, parameters, "parameters", per_model=False)
+    parameters = dict(parameters)
     base = _ref(raw["base_model"], "base_model") if raw.get("base_model") else None
     if method.base == "required" and base is None and \
             (slices is None or any(s.base is None for s in slices)):
@@ -249,7 +253,7 @@ def _parse_slices(method: MergeMethod, value: Any) -> list[SliceSpec]:
             raise SpecError(f"{where}: expected a mapping with 'sources'")
         extra = set(sl) - SLICE_KEYS
         if extra:
-            key = sorted(extra)[0]
+            key = sorted(map(str, extra))[0]
             why = " (mergekit accepts it but ignores it)" if key == "residual_weight" else ""
             raise SpecError(f"{where}: unsupported key {key!r}{why}")
         params = sl.get("parameters") or {}
@@ -272,7 +276,7 @@ def _parse_source(method: MergeMethod, src: Any, where: str) -> SliceSource:
         raise SpecError(f"{where}: expected a mapping with 'model' and 'layer_range'")
     extra = set(src) - SOURCE_KEYS
     if extra:
-        raise SpecError(f"{where}: unknown key {sorted(extra)[0]!r}")
+        raise SpecError(f"{where}: unknown key {sorted(map(str, extra))[0]!r}")
     lr = src["layer_range"]
     if not (isinstance(lr, list) and len(lr) == 2 and all(isinstance(v, int) and
                                                           not isinstance(v, bool) for v in lr)
