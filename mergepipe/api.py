@@ -119,11 +119,22 @@ _READ_PRAGMAS = {"table_info", "show_tables", "show_tables_expanded", "database_
 DEFAULT_SQL_TIMEOUT = 5.0
 
 
-def _check_read_only(query: str) -> None:
-    """One statement, and one that cannot write (EXPLAIN ANALYZE runs its statement)."""
+# PostgreSQL functions that reach the server's files (superusers may call them)
+_PG_FILE_FUNCS = re.compile(r"\b(pg_read_file|pg_read_binary_file|pg_ls_\w+|pg_stat_file|"
+                            r"lo_import|lo_export|pg_file_\w+|dblink\w*)\s*\(", re.IGNORECASE)
+
+
+def _check_read_only(query: str, strict: bool = True) -> None:
+    """One statement, and one that cannot write (EXPLAIN ANALYZE runs its statement).
+
+    DuckDB's parser (PostgreSQL's grammar) classifies it; with ``strict`` off
+    (a PostgreSQL catalog) a statement it cannot parse is left to the server's
+    READ ONLY transaction."""
     try:
         stmts = duckdb.extract_statements(query)
     except duckdb.Error as exc:
+        if not strict:
+            return
         raise MergePipeError(f"SQL error: {str(exc).splitlines()[0]}")
     if not stmts:
         raise MergePipeError("no SQL statement given")
@@ -149,15 +160,18 @@ def _check_read_only(query: str) -> None:
 def run_sql(cat: Catalog, query: str, timeout: float = DEFAULT_SQL_TIMEOUT) -> list[dict[str, Any]]:
     """Run one read-only statement over the catalog, interrupted after ``timeout`` seconds.
 
-    On DuckDB the statement is checked first (SELECT, PRAGMA, EXPLAIN of a
-    SELECT); a handle opened read-only is also sandboxed (no file, URL or
-    extension access). On PostgreSQL it runs in a READ ONLY transaction with a
-    ``statement_timeout``.
+    The statement is checked first (SELECT, describing PRAGMAs, EXPLAIN of a
+    SELECT). On DuckDB a handle opened read-only is also sandboxed (no file,
+    URL or extension access). On PostgreSQL it runs in a READ ONLY transaction
+    with a ``statement_timeout``, and server-file functions are refused; give
+    `--catalog` a role without superuser or pg_read_server_files for more.
     """
     if not (timeout > 0 and math.isfinite(timeout)):
         raise MergePipeError(f"--timeout must be a positive number of seconds, got {timeout}")
+    _check_read_only(query, strict=cat.is_duckdb)
+    if not cat.is_duckdb and _PG_FILE_FUNCS.search(query):
+        raise MergePipeError("`mergepipe sql` does not call functions that reach server files")
     if cat.is_duckdb:
-        _check_read_only(query)
         if cat.read_only and not getattr(cat, "_sandboxed", False):
             cat.sandbox()
             cat._sandboxed = True  # type: ignore[attr-defined]

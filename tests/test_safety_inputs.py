@@ -399,3 +399,14 @@ def test_file_size_limit_reached_while_writing(tmp_path):
 def test_register_a_file_instead_of_a_folder(cli, family, tmp_path):
     refused(cli, ["register", family["e1"] / SHARD], "is a file", _watch(tmp_path, cli))
     refused(cli, ["verify", family["e1"] / SHARD], "is a file", _watch(tmp_path, cli))
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["apply", "--bogus"], "No such option '--bogus'"),
+    (["apply"], "Missing option '--out'"),
+    (["sql"], "Missing argument 'QUERY'"),
+    (["sql", "SELECT 1", "--timeout", "soon"], "'soon' is not a valid float"),
+    (["frobnicate"], "No such command 'frobnicate'"),
+])
+def test_usage_errors_are_one_line(cli, tmp_path, args, needle):
+    refused(cli, args, needle, _watch(tmp_path, cli))

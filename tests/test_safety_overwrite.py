@@ -125,6 +125,9 @@ def test_out_is_a_file(cli, family, tmp_path):
     for extra in ([], ["--overwrite"]):
         refused(cli, ["apply", spec, "--out", f, *extra], "is not a directory", [tmp_path])
     refused(cli, ["apply", spec, "--out", f / "merged"], "is not a directory", [tmp_path])
+    line = refused(cli, ["apply", spec, "--out", f / "deeper" / "merged"], "Not a directory: ",
+                   [tmp_path])  # as the OS says it, with the path
+    assert str(f) in line
     assert f.read_bytes() == b"precious"
 
 

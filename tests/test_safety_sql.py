@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -10,6 +11,7 @@ import time
 import pytest
 
 from tests.safety import one_line_error
+from tests.test_postgres import pg_url  # noqa: F401  (a throwaway PostgreSQL cluster)
 
 
 def _digest(path) -> str:
@@ -121,3 +123,30 @@ def test_library_run_sql_refuses_writes_on_a_read_write_handle(ws):
         with pytest.raises(MergePipeError, match="EXPLAIN is allowed for SELECT"):
             api.run_sql(cat, "EXPLAIN ANALYZE DELETE FROM models")
         assert api.run_sql(cat, "SELECT count(*) AS n FROM models") == [{"n": 0}]
+
+
+@pytest.mark.skipif(shutil.which("initdb") is None or shutil.which("pg_ctl") is None,
+                    reason="PostgreSQL server binaries not installed")
+def test_postgres_sql_is_read_only_and_timed(pg_url, tmp_path):
+    """On PostgreSQL: a READ ONLY transaction with a statement_timeout; server-file
+    functions and COPY refused (the catalog role here is a superuser)."""
+    from click.testing import CliRunner
+
+    from mergepipe.cli import cli
+
+    def run(*args: str):
+        return CliRunner().invoke(cli, ["--catalog", pg_url, *map(str, args)])
+
+    assert run("init").exit_code == 0
+    leak = tmp_path / "leak.csv"
+    for query, needle in [
+        ("SELECT pg_sleep(30)", "ran past the 0.5 s timeout"),
+        ("WITH d AS (DELETE FROM runs RETURNING *) SELECT * FROM d", "read-only transaction"),
+        (f"COPY (SELECT 1) TO '{leak}'", "COPY statements are refused"),
+        ("SELECT pg_read_file('/etc/hostname')", "functions that reach server files"),
+        ("SELECT * FROM pg_ls_dir('/')", "functions that reach server files"),
+    ]:
+        one_line_error(run("sql", query, "--timeout", "0.5"), needle)
+    assert not leak.exists()
+    assert run("sql", "SELECT count(*) AS n FROM models", "--format", "json").output.strip() \
+        == '{"n": 0}'
