@@ -85,7 +85,7 @@ def apply_plan(cat: Catalog, plan: Plan, out: str | Path, name: str | None = Non
     inserted = getattr(plan, "stored_now", False)
     try:
         ticket = begin_run(cat, plan, out, overwrite=overwrite, plan_inserted=inserted,
-                           device=device, name=name)
+                           device=device, name=name or Path(out).expanduser().resolve().name)
     except BaseException:
         if inserted:
             from mergepipe.catalog import schema

@@ -82,7 +82,7 @@ def _inside(path: Path, folder: Path) -> bool:
 
 def check_output(cat: Catalog, out: str | Path, overwrite: bool = False,
                  name: str | None = None, plan: Plan | None = None,
-                 existing_ok: bool = False) -> Path:
+                 existing_ok: bool = False, check_name_now: bool = True) -> Path:
     """Refuse, before any work, an output that would destroy data or cannot be recorded.
 
     ``--overwrite`` may only replace the output's own previous commit: a
@@ -92,6 +92,8 @@ def check_output(cat: Catalog, out: str | Path, overwrite: bool = False,
     is checked too, so a taken name fails before anything is written.
     ``existing_ok`` lets an existing output pass without --overwrite (a check
     made before planning: the plan may turn out to be that output's own).
+    ``check_name_now`` off defers the name check to the commit, for callers that
+    name the model only then (search loops).
     """
     out = Path(out).expanduser().resolve()
     home = cat.home
@@ -110,7 +112,8 @@ def check_output(cat: Catalog, out: str | Path, overwrite: bool = False,
             if _inside(Path(src.path), out):
                 raise MergePipeError(f"--out {out} is an input of this merge ({src.key}); "
                                      f"choose another output directory")
-    check_name(cat, out, name)
+    if check_name_now:
+        check_name(cat, out, name)
     if out.exists() or out.is_symlink():
         if not out.is_dir() or out.is_symlink():
             raise MergePipeError(f"--out {out} exists and is not a directory")
@@ -174,8 +177,10 @@ def _check_replaceable(cat: Catalog, out: Path, models: list[dict[str, Any]]) ->
 def begin_run(cat: Catalog, plan: Plan, out: str | Path, overwrite: bool = False,
               plan_inserted: bool = False, device: str = "cpu",
               name: str | None = None) -> RunTicket:
-    """Check the output, record a PENDING run and create its empty staging directory."""
-    out = check_output(cat, out, overwrite, name, plan)
+    """Check the output, record a PENDING run and create its empty staging directory.
+
+    Without ``name`` the name is checked at commit (``finish_run`` may give it)."""
+    out = check_output(cat, out, overwrite, name, plan, check_name_now=name is not None)
     made = out.parent
     while not made.parent.exists():
         made = made.parent
