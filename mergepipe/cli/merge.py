@@ -151,7 +151,9 @@ def _explain_extra(cat, p, run) -> list[str]:
 @click.option("--plan", "plan_id", help="Apply a stored plan instead of a spec.")
 @click.option("--out", required=True, type=click.Path(), help="Output model directory.")
 @click.option("--name", help="Catalog name of the merged model (default: the output directory name).")
-@click.option("--overwrite", is_flag=True, help="Replace an existing output directory (still atomic).")
+@click.option("--overwrite", is_flag=True, help="Replace a previous merge output at --out (atomic); "
+              "a registered model, an input, the workspace or a folder holding one is never "
+              "replaced.")
 @budget_option
 @seed_option
 @click.option("--no-analyze", is_flag=True, help="Fail instead of computing missing block statistics.")
@@ -221,8 +223,9 @@ def sql(ws, query: str, fmt: str, timeout: float) -> None:
     """Run a read-only SQL query over the catalog.
 
     The catalog is opened read-only and the query cannot read or write files
-    or URLs. DuckDB lets no other process open the catalog while one writes
-    it, so `sql` waits for no one: it fails while an `apply` holds the file.
+    or URLs; it is stopped after --timeout seconds. DuckDB lets no other
+    process open the catalog, even read-only, while one writes it (an apply):
+    `sql` then fails with one line naming that process.
 
     \b
     Tables: models, files, tensors, plans, runs, lineage, block_stats,
