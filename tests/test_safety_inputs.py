@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file, save_file
 
 from mergepipe.engine.reader import BlockReader
@@ -232,8 +231,6 @@ def test_index_entries_must_stay_inside_the_model_folder(cli, family, tmp_path, 
 
 def test_catalog_row_pointing_outside_is_refused_at_read_time(cli, family, tmp_path):
     """Even a catalog edited by hand cannot make the engine read outside a model folder."""
-    import sqlalchemy as sa
-
     from mergepipe.catalog import schema
     from mergepipe.catalog.store import open_catalog
     for n in ("base", "e1", "e2"):
@@ -246,7 +243,6 @@ def test_catalog_row_pointing_outside_is_refused_at_read_time(cli, family, tmp_p
     spec = ta_spec(tmp_path / "s.yml", "base", ["e1", "e2"])
     refused(cli, ["apply", spec, "--out", tmp_path / "out"], "lies outside the model folder",
             _watch(tmp_path, cli))
-    assert sa  # the catalog edit above is the attack
 
 
 @pytest.mark.parametrize("kind", ["duplicate_key", "fifo", "dev_zero", "empty", "header_only"])
