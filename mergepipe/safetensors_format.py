@@ -116,6 +116,8 @@ def read_header(path: str | Path) -> Header:
     if not isinstance(doc, dict):
         raise BadCheckpointError(f"{where}: header is not a JSON object")
     meta = doc.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise BadCheckpointError(f"{where}: __metadata__ is not a mapping of strings")
     data_start = 8 + n
     data_len = size - data_start
     entries: dict[str, TensorEntry] = {}
@@ -123,11 +125,11 @@ def read_header(path: str | Path) -> Header:
     for name, info in doc.items():
         try:
             code = info["dtype"]
-            shape = tuple(int(s) for s in info["shape"])
-            begin, end = (int(o) for o in info["data_offsets"])
+            shape = tuple(_count(s) for s in info["shape"])
+            begin, end = (_count(o) for o in info["data_offsets"])
         except (KeyError, TypeError, ValueError):
             raise BadCheckpointError(f"{where}: malformed header entry for tensor {name!r}")
-        if code not in DTYPES:
+        if not isinstance(code, str) or code not in DTYPES:
             raise BadCheckpointError(f"{where}: tensor {name!r} has unknown dtype {code!r}")
         expect = math.prod(shape) * itemsize(code)
         if end - begin != expect or begin < 0:
@@ -152,6 +154,13 @@ def read_header(path: str | Path) -> Header:
         raise BadCheckpointError(
             f"{where}: data section is {data_len} bytes but tensors cover {pos}")
     return Header(path, n, data_start, size, entries, {str(k): str(v) for k, v in meta.items()})
+
+
+def _count(v: object) -> int:
+    """A dimension or offset: a non-negative JSON integer (not 1.5, "3" or true)."""
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise ValueError(v)
+    return v
 
 
 def official_order(items: list[tuple[str, str]]) -> list[tuple[str, str]]:

@@ -143,9 +143,13 @@ def test_output_dir_that_exists_is_kept_unless_overwrite(cli, family, tmp_path):
     res = cli("apply", spec, "--out", out, ok=False)
     assert res.exit_code != 0 and "already exists" in res.stderr
     assert (out / "keep.txt").read_text() == "mine" and cli.snapshot() == before
-    cli("apply", spec, "--out", out, "--overwrite")
-    assert not (out / "keep.txt").exists() and (out / SHARD).exists()
-    assert cli("verify", out).exit_code == 0
+    res = cli("apply", spec, "--out", out, "--overwrite", ok=False)  # not a MergePipe output
+    assert res.exit_code != 0 and "not a MergePipe output" in res.stderr
+    assert (out / "keep.txt").read_text() == "mine" and cli.snapshot() == before
+    (out / "keep.txt").unlink()
+    cli("apply", spec, "--out", out, "--overwrite")  # an empty folder may be replaced
+    cli("apply", ta(tmp_path, family, e1="{weight: 0.25}"), "--out", out, "--overwrite")
+    assert (out / SHARD).exists() and cli("verify", out).exit_code == 0
 
 
 def test_register_of_a_corrupt_model_changes_nothing(cli, family):

@@ -10,7 +10,7 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import sqlalchemy as sa
@@ -23,7 +23,7 @@ from mergepipe.errors import BadCheckpointError, MergePipeError, StaleModelError
 from mergepipe.safetensors_format import Header, read_header
 
 INDEX_FILE = "model.safetensors.index.json"
-_SIDE_FILES = {
+SIDE_FILES = {
     "config.json": "config",
     "generation_config.json": "generation",
     "tokenizer.json": "tokenizer",
@@ -49,15 +49,28 @@ class ScannedModel:
     config: dict[str, Any] | None
 
 
+def safe_relpath(rel: object) -> bool:
+    """A shard name that stays inside its model folder: relative, no '..'."""
+    if not isinstance(rel, str) or not rel or "\\" in rel or "\x00" in rel:
+        return False
+    p = PurePosixPath(rel)
+    return not p.is_absolute() and ".." not in p.parts and p.as_posix() == rel.rstrip("/")
+
+
 def weight_files(path: Path) -> list[str]:
     """The shard files of a checkpoint, from its index when it has one."""
     index = path / INDEX_FILE
     if index.exists():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError):
+            files = sorted(set(weight_map.values()))
+        except (ValueError, KeyError, TypeError, AttributeError):
             raise BadCheckpointError(f"{index}: not a valid safetensors index")
-        return sorted(set(weight_map.values()))
+        for rel in files:
+            if not safe_relpath(rel):
+                raise BadCheckpointError(f"{index}: shard {rel!r} lies outside the model "
+                                         f"folder")
+        return files
     if (path / "model.safetensors").exists():
         return ["model.safetensors"]
     found = sorted(p.name for p in path.glob("*.safetensors"))
@@ -84,6 +97,8 @@ def scan(path: str | Path) -> ScannedModel:
                                          f"{seen[name]} and {rel}")
             seen[name] = rel
         headers[rel] = header
+    if not seen:
+        raise BadCheckpointError(f"{path}: the safetensors files hold no tensors")
     index = path / INDEX_FILE
     if index.exists():
         weight_map = json.loads(index.read_text())["weight_map"]
@@ -91,7 +106,7 @@ def scan(path: str | Path) -> ScannedModel:
             if seen.get(name) != rel:
                 raise BadCheckpointError(f"{index}: tensor {name!r} is mapped to {rel} "
                                          f"but is not in that shard")
-    side = {rel: role for rel, role in _SIDE_FILES.items() if (path / rel).exists()}
+    side = {rel: role for rel, role in SIDE_FILES.items() if (path / rel).exists()}
     if index.exists():
         side[INDEX_FILE] = "index"
     config = None

@@ -69,7 +69,7 @@ class Catalog:
                                                    poolclass=sa.pool.StaticPool)
             self.conn: Connection = self.engine.connect()
         except Exception as exc:  # driver errors vary; translate the lock case
-            raise _translate_open_error(url, exc) from None
+            raise _translate_open_error(url, exc, read_only) from None
         if not read_only:
             self._ensure_schema()
 
@@ -108,6 +108,26 @@ class Catalog:
         else:
             with self.conn.begin():
                 yield self.conn
+
+    @property
+    def home(self) -> Path | None:
+        """The workspace directory of a DuckDB catalog (None for a server database)."""
+        if not self.is_duckdb:
+            return None
+        path = self.url.split(":///", 1)[-1].split("?", 1)[0]
+        if not path or path == ":memory:":
+            return None
+        return Path(path).resolve().parent
+
+    def sandbox(self) -> None:
+        """Lock a read-only DuckDB handle down for user SQL: no file, URL or
+        extension access and no way to turn that back on."""
+        if not (self.is_duckdb and self.read_only):
+            raise MergePipeError("only a read-only DuckDB catalog handle can be sandboxed")
+        for setting in ("enable_external_access = false", "autoload_known_extensions = false",
+                        "autoinstall_known_extensions = false", "lock_configuration = true"):
+            self.conn.exec_driver_sql(f"SET {setting}")
+        self.conn.rollback()
 
     # -- generic helpers ----------------------------------------------------
     def execute(self, stmt: Any, params: Any = None) -> None:
@@ -188,13 +208,18 @@ def _noop() -> Iterator[None]:
     yield
 
 
-def _translate_open_error(url: str, exc: Exception) -> MergePipeError:
+def _translate_open_error(url: str, exc: Exception, read_only: bool = False) -> MergePipeError:
     msg = str(exc)
     if "lock" in msg.lower():
         m = _LOCK_PID.search(msg)
         holder = f"pid {m.group(1)}" if m else "another process"
-        return CatalogLockedError(f"catalog is in use by {holder} ({url}); wait for it "
+        why = ("; DuckDB lets no other process open the file, not even read-only, while one "
+               "writes it" if read_only else "")
+        return CatalogLockedError(f"catalog is in use by {holder} ({url}){why}; wait for it "
                                   f"to finish or point --home/--catalog elsewhere")
+    if read_only and url.startswith("duckdb:") and not Path(url.split(":///", 1)[-1]).exists():
+        return MergePipeError(f"no catalog at {url.split(':///', 1)[-1]} "
+                              f"(run `mergepipe init` or register a model first)")
     return MergePipeError(f"cannot open catalog {url}: {msg.splitlines()[0] if msg else exc}")
 
 

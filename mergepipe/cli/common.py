@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
 import sys
@@ -26,7 +27,9 @@ class Workspace:
 
 
 class MergePipeGroup(click.Group):
-    """Turns MergePipeError into `error: …` on stderr and a nonzero exit."""
+    """Turns every expected failure into one `error: …` line on stderr and a nonzero
+    exit: MergePipeError, OS errors (permissions, disk full, not a directory:
+    the message names the path) and click's usage errors."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -34,9 +37,25 @@ class MergePipeGroup(click.Group):
         except MergePipeError as exc:
             click.echo(f"error: {exc}", err=True)
             ctx.exit(exc.exit_code)
+        except click.UsageError as exc:
+            click.echo(f"error: {' '.join(exc.format_message().split())}", err=True)
+            ctx.exit(exc.exit_code)
+        except OSError as exc:
+            click.echo(f"error: {os_error_line(exc)}", err=True)
+            ctx.exit(1)
         except KeyboardInterrupt:
             click.echo("error: interrupted", err=True)
             ctx.exit(130)
+
+
+def os_error_line(exc: OSError) -> str:
+    """`<what went wrong>: <path>` in one line, as the OS reports it."""
+    what = exc.strerror or exc.__class__.__name__
+    if exc.errno == errno.ENOSPC or exc.errno == errno.EFBIG:
+        what += " (no room left to write the output)"
+    paths = [p for p in (exc.filename, exc.filename2) if p is not None]
+    line = f"{what}: {' -> '.join(map(str, paths))}" if paths else what
+    return " ".join(line.split())
 
 
 def echo_json(obj: Any) -> None:

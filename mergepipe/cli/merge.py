@@ -149,9 +149,11 @@ def _explain_extra(cat, p, run) -> list[str]:
 @cli.command()
 @click.argument("spec", required=False, type=click.Path(dir_okay=False))
 @click.option("--plan", "plan_id", help="Apply a stored plan instead of a spec.")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output model directory.")
+@click.option("--out", required=True, type=click.Path(), help="Output model directory.")
 @click.option("--name", help="Catalog name of the merged model (default: the output directory name).")
-@click.option("--overwrite", is_flag=True, help="Replace an existing output directory (still atomic).")
+@click.option("--overwrite", is_flag=True, help="Replace a previous merge output at --out (atomic); "
+              "a registered model, an input, the workspace or a folder holding one is never "
+              "replaced.")
 @budget_option
 @seed_option
 @click.option("--no-analyze", is_flag=True, help="Fail instead of computing missing block statistics.")
@@ -174,6 +176,7 @@ def apply(ws, spec: str | None, plan_id: str | None, out: str, name: str | None,
     if plan_id and (io_budget or seed is not None):
         raise MergePipeError("--io-budget/--seed apply when planning; plan again with them")
     with ws.open() as cat:
+        api.check_output(cat, out, overwrite, name, existing_ok=True)  # before planning
         if plan_id:
             p = api.load_plan(cat, plan_id)
         else:
@@ -200,23 +203,8 @@ def apply(ws, spec: str | None, plan_id: str | None, out: str, name: str | None,
 @click.pass_obj
 def lineage(ws, name: str, fmt: str) -> None:
     """Show the full ancestry of a model (recursive over lineage edges)."""
-    query = """
-        WITH RECURSIVE anc(child_model_id, parent_model_id, role, weight, plan_id, depth) AS (
-            SELECT child_model_id, parent_model_id, role, weight, plan_id, 1
-            FROM lineage WHERE child_model_id = :mid
-            UNION ALL
-            SELECT l.child_model_id, l.parent_model_id, l.role, l.weight, l.plan_id, a.depth + 1
-            FROM lineage l JOIN anc a ON l.child_model_id = a.parent_model_id
-        )
-        SELECT a.depth, c.name AS child, p.name AS parent, a.role, a.weight,
-               pl.method, a.plan_id
-        FROM anc a JOIN models c ON c.model_id = a.child_model_id
-        JOIN models p ON p.model_id = a.parent_model_id
-        JOIN plans pl ON pl.plan_id = a.plan_id
-        ORDER BY a.depth, child, a.role, parent"""
     with ws.open() as cat:
-        m = cat.require_model(name)
-        rows = cat.rows(sa.text(query), {"mid": m["model_id"]})
+        rows = api.lineage(cat, name)
     if not rows and fmt == "table":
         click.echo(f"{name} has no recorded parents (a source model)")
         return
@@ -228,9 +216,16 @@ def lineage(ws, name: str, fmt: str) -> None:
 @cli.command()
 @click.argument("query")
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table")
+@click.option("--timeout", type=float, default=api.DEFAULT_SQL_TIMEOUT, show_default=True,
+              help="Stop the query after this many seconds.")
 @click.pass_obj
-def sql(ws, query: str, fmt: str) -> None:
+def sql(ws, query: str, fmt: str, timeout: float) -> None:
     """Run a read-only SQL query over the catalog.
+
+    The catalog is opened read-only and the query cannot read or write files
+    or URLs; it is stopped after --timeout seconds. DuckDB lets no other
+    process open the catalog, even read-only, while one writes it (an apply):
+    `sql` then fails with one line naming that process.
 
     \b
     Tables: models, files, tensors, plans, runs, lineage, block_stats,
@@ -238,8 +233,8 @@ def sql(ws, query: str, fmt: str) -> None:
     evaluations_view. Example:
       mergepipe sql "SELECT child, weight FROM lineage_view WHERE parent = 'math'"
     """
-    with ws.open() as cat:
-        rows = api.run_sql(cat, query)
+    with ws.open(read_only=True) as cat:
+        rows = api.run_sql(cat, query, timeout=timeout)
     click.echo(format_rows(rows, fmt))
 
 

@@ -2,15 +2,25 @@
 
 The budget guarantee is about physical I/O, so bytes are counted here, where
 ``os.preadv`` actually pulls them from the file — never estimated.
+
+Every tensor read whole is also hashed here, on the very bytes the engine
+merges, and compared with the hash recorded at registration: a file changed
+in place (whatever its mtime says) fails the run before anything commits.
+The engine reads a tensor's row blocks in order, so one incremental hash per
+tensor suffices. A tensor read only in part (unselected blocks under an I/O
+budget) cannot be checked against a whole-tensor hash; its use rests on the
+size and mtime check made when the plan is built.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
 import torch
 
-from mergepipe.errors import BadCheckpointError, MergePipeError
+from mergepipe.catalog.register import safe_relpath
+from mergepipe.errors import BadCheckpointError, MergePipeError, StaleModelError
 from mergepipe.planner.plan import Read, Source
 from mergepipe.safetensors_format import torch_dtype
 
@@ -23,10 +33,15 @@ class BlockReader:
         self.allow_nonfinite = allow_nonfinite
         self.bytes_read = [0] * len(sources)
         self._fds: dict[tuple[int, str], int] = {}
+        self._hashing: dict[int, tuple[Read, "hashlib._Hash", int]] = {}  # id(read) -> state
+        self.checked_bytes = 0     # bytes whose tensor hash was compared with the catalog
 
     def _fd(self, src: int, rel: str) -> int:
         key = (src, rel)
         if key not in self._fds:
+            if not safe_relpath(rel):
+                raise BadCheckpointError(f"{self.sources[src].path}: shard {rel!r} lies outside "
+                                         f"the model folder")
             path = Path(self.sources[src].path) / rel
             try:
                 self._fds[key] = os.open(path, os.O_RDONLY)
@@ -34,7 +49,7 @@ class BlockReader:
                 raise MergePipeError(f"{path} is gone since it was registered")
         return self._fds[key]
 
-    def raw(self, read: Read, start: int, nbytes: int) -> bytearray:
+    def raw(self, read: Read, start: int, nbytes: int, tensor: str | None = None) -> bytearray:
         """Exactly nbytes from the tensor's byte offset ``start``."""
         buf = bytearray(nbytes)
         view = memoryview(buf)
@@ -48,14 +63,41 @@ class BlockReader:
                                          f"{pos + nbytes})")
             got += n
         self.bytes_read[read.src] += nbytes
+        self._check_hash(read, start, buf, tensor)
         return buf
+
+    def _check_hash(self, read: Read, start: int, buf: bytearray, tensor: str | None) -> None:
+        """Feed the tensor's running hash; compare it once the last byte is in."""
+        if read.content_hash is None:
+            return
+        key = id(read)
+        if start == 0:
+            state = (read, hashlib.blake2b(digest_size=16), 0)
+        else:
+            state = self._hashing.pop(key, None)
+            if state is None or state[2] != start:  # a partial read: cannot be checked
+                return
+        h = state[1]
+        h.update(buf)
+        pos = start + len(buf)
+        if pos < read.nbytes:
+            self._hashing[key] = (read, h, pos)
+            return
+        self._hashing.pop(key, None)
+        if h.hexdigest() != read.content_hash:
+            src = self.sources[read.src]
+            what = f"tensor {tensor!r}" if tensor else f"the tensor at byte {read.offset}"
+            raise StaleModelError(
+                f"model {src.key!r}: {what} in {Path(src.path) / read.file} is not what was "
+                f"registered (the file changed); run `mergepipe register {src.path}` again")
+        self.checked_bytes += read.nbytes
 
     def rows(self, read: Read, shape: tuple[int, ...], a: int, b: int, tensor: str,
              device: torch.device | str = "cpu") -> torch.Tensor:
         """Rows [a, b) of a tensor as float32 on ``device``."""
         n_rows = shape[0] if shape else 1
         row_bytes = read.nbytes // n_rows if n_rows else 0
-        buf = self.raw(read, a * row_bytes, (b - a) * row_bytes)
+        buf = self.raw(read, a * row_bytes, (b - a) * row_bytes, tensor)
         return self._to_float(buf, read, (b - a, *shape[1:]) if shape else (), tensor, device)
 
     def rows_over(self, read: Read, shape: tuple[int, ...], a: int, b: int,

@@ -12,9 +12,11 @@ from mergepipe.catalog import schema
 from mergepipe.catalog.register import hash_tensors, scan
 from mergepipe.catalog.store import Catalog, now
 from mergepipe.engine.execute import ExecReport
-from mergepipe.engine.transaction import MANIFEST, RunTicket, record_commit, trash_path
-from mergepipe.errors import BadCheckpointError, MergePipeError
+from mergepipe.engine.transaction import (MANIFEST, RunTicket, file_sha256, record_commit,
+                                          staging_path, trash_path)
+from mergepipe.errors import MergePipeError
 from mergepipe.planner.build import load_plan
+from mergepipe.safetensors_format import read_header
 
 
 @dataclass
@@ -27,29 +29,50 @@ class VerifyResult:
 
 
 def verify_dir(path: str | Path) -> VerifyResult:
-    """Re-hash every tensor and compare with the manifest written at commit."""
+    """Check every file of an output against the manifest written at commit.
+
+    Tensors are re-hashed; side files (index, config, tokenizer, card) and
+    shard headers are compared by sha256; a file the manifest does not list,
+    or a listed one that is gone, is a problem too.
+    """
     path = Path(path).expanduser().resolve()
     manifest_path = path / MANIFEST
     if not manifest_path.exists():
         raise MergePipeError(f"{path}: no {MANIFEST}; not a MergePipe output (or incomplete)")
     try:
         manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError:
+        weights = dict(manifest.get("files", {}))
+        side = dict(manifest.get("side_files", {}))
+        headers = dict(manifest.get("headers", {}))
+        expected = dict(manifest.get("tensors", {}))
+    except (ValueError, TypeError, AttributeError):
         return VerifyResult(str(path), None, 0, False, ["manifest is not valid JSON"])
     problems: list[str] = []
-    for rel, size in manifest.get("files", {}).items():
+    for rel, size in weights.items():
         f = path / rel
-        if not f.exists():
+        if not f.is_file():
             problems.append(f"{rel}: missing")
         elif f.stat().st_size != size:
             problems.append(f"{rel}: {f.stat().st_size} bytes, manifest says {size}")
+        elif rel in headers and _header_sha256(f) != headers[rel]:
+            problems.append(f"{rel}: header differs from the manifest")
+    for rel, info in side.items():
+        f = path / rel
+        if not f.is_file():
+            problems.append(f"{rel}: missing")
+        elif f.stat().st_size != info.get("size") or file_sha256(f) != info.get("sha256"):
+            problems.append(f"{rel}: differs from the manifest")
+    if "side_files" in manifest:  # format 2 lists every file; older ones only the weights
+        for p in sorted(path.rglob("*")):
+            rel = p.relative_to(path).as_posix()
+            if not p.is_dir() and rel != MANIFEST and rel not in weights and rel not in side:
+                problems.append(f"{rel}: not in the manifest")
     hashes: dict[str, str] = {}
     if not problems:
         try:
             hashes = hash_tensors(scan(path))
-        except BadCheckpointError as exc:
+        except MergePipeError as exc:
             problems.append(str(exc))
-    expected = manifest.get("tensors", {})
     if hashes:
         for name, h in expected.items():
             if hashes.get(name) != h:
@@ -57,6 +80,13 @@ def verify_dir(path: str | Path) -> VerifyResult:
         for name in set(hashes) - set(expected):
             problems.append(f"tensor {name!r}: not in the manifest")
     return VerifyResult(str(path), manifest.get("plan_id"), len(expected), not problems, problems)
+
+
+def _header_sha256(f: Path) -> str | None:
+    try:
+        return file_sha256(f, read_header(f).data_start)
+    except MergePipeError:
+        return None
 
 
 @dataclass
@@ -73,16 +103,17 @@ def recover(cat: Catalog) -> RecoverReport:
     for run in runs:
         if _alive_here(run):
             continue  # a live process (e.g. a search coordinator) still owns it
-        out, staging = Path(run["out_path"]), Path(run["staging_path"])
-        trash = trash_path(out, run["run_id"])
-        landed = (out / MANIFEST).exists() and \
-            json.loads((out / MANIFEST).read_text()).get("run_id") == run["run_id"]
+        out = Path(run["out_path"])
+        # only the folders this run itself names are ever removed, whatever the row says
+        staging, trash = staging_path(out, run["run_id"]), trash_path(out, run["run_id"])
+        manifest = _manifest(out)
+        landed = manifest.get("run_id") == run["run_id"]
         if landed and verify_dir(out).ok:
             plan = load_plan(cat, run["plan_id"])
-            manifest = json.loads((out / MANIFEST).read_text())
             rep = ExecReport(plan.plan_id, {}, 0, 0, sum(manifest["files"].values()), 0.0, 0,
                              manifest["tensors"], manifest["files"])
-            ticket = RunTicket(run["run_id"], plan.plan_id, str(out), str(staging))
+            ticket = RunTicket(run["run_id"], plan.plan_id, str(out), str(staging),
+                               name=manifest.get("name"))
             record_commit(cat, plan, ticket, rep, None)
             report.completed.append(run["run_id"])
         else:
@@ -99,6 +130,14 @@ def recover(cat: Catalog) -> RecoverReport:
                 shutil.rmtree(d)
                 report.removed_dirs.append(str(d))
     return report
+
+
+def _manifest(out: Path) -> dict:
+    try:
+        doc = json.loads((out / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return {}
+    return doc if isinstance(doc, dict) else {}
 
 
 def _alive_here(run: dict) -> bool:

@@ -9,6 +9,7 @@ and finish recording.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -43,6 +44,8 @@ class RunTicket:
     staging: str
     overwrite: bool = False
     plan_inserted: bool = False
+    name: str | None = None               # requested catalog name (kept by `recover`)
+    made_parent: str | None = None        # the first folder above --out that this run created
 
 
 @dataclass
@@ -73,31 +76,185 @@ def trash_path(out: Path, run_id: str) -> Path:
     return out.parent / f".{out.name}.replaced-{run_id[:12]}"
 
 
-def begin_run(cat: Catalog, plan: Plan, out: str | Path, overwrite: bool = False,
-              plan_inserted: bool = False, device: str = "cpu") -> RunTicket:
-    """Record a PENDING run and create its empty staging directory."""
+def _inside(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def check_output(cat: Catalog, out: str | Path, overwrite: bool = False,
+                 name: str | None = None, plan: Plan | None = None,
+                 existing_ok: bool = False, check_name_now: bool = True) -> Path:
+    """Refuse, before any work, an output that would destroy data or cannot be recorded.
+
+    ``--overwrite`` may only replace the output's own previous commit: a
+    MergePipe output (manifest present) holding no file the manifest does not
+    list, that is not an input of this plan, not the parent of another model,
+    and holds neither the workspace nor any other registered model. The name
+    is checked too, so a taken name fails before anything is written.
+    ``existing_ok`` lets an existing output pass without --overwrite (a check
+    made before planning: the plan may turn out to be that output's own).
+    ``check_name_now`` off defers the name check to the commit, for callers that
+    name the model only then (search loops).
+    """
     out = Path(out).expanduser().resolve()
-    if out.exists() and not overwrite:
-        raise MergePipeError(f"output directory {out} already exists (pass --overwrite to "
-                             f"replace it atomically)")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    home = cat.home
+    if home is not None and _inside(home, out):
+        raise MergePipeError(f"--out {out} is or holds the workspace {home}; refusing to "
+                             f"write there")
+    models = cat.rows(sa.select(schema.models.c.model_id, schema.models.c.name,
+                                schema.models.c.path))
+    for m in models:
+        mp = Path(m["path"])
+        if mp != out and _inside(mp, out):
+            raise MergePipeError(f"--out {out} holds registered model {m['name']!r} ({mp}); "
+                                 f"refusing to write there")
+    if plan is not None:
+        for src in plan.sources:
+            if _inside(Path(src.path), out):
+                raise MergePipeError(f"--out {out} is an input of this merge ({src.key}); "
+                                     f"choose another output directory")
+    if check_name_now:
+        check_name(cat, out, name)
+    if out.exists() or out.is_symlink():
+        if not out.is_dir() or out.is_symlink():
+            raise MergePipeError(f"--out {out} exists and is not a directory")
+        if not overwrite:
+            if existing_ok:
+                return out
+            raise MergePipeError(f"output directory {out} already exists (pass --overwrite to "
+                                 f"replace it atomically)")
+        _check_replaceable(cat, out, models)
+    elif out.parent.exists() and not out.parent.is_dir():
+        raise MergePipeError(f"--out {out}: {out.parent} is not a directory")
+    return out
+
+
+def check_name(cat: Catalog, out: Path, name: str | None) -> None:
+    """The catalog name the output will get must be free (or already its own)."""
+    wanted = name or out.name
+    holder = cat.model_by_name(wanted)
+    if holder is not None and holder["path"] != str(out):
+        raise MergePipeError(f"model name {wanted!r} is already used for {holder['path']}; "
+                             f"pass --name to choose another")
+
+
+def _check_replaceable(cat: Catalog, out: Path, models: list[dict[str, Any]]) -> None:
+    """``out`` may be replaced only when it is an empty folder or a previous commit."""
+    entries = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if not p.is_dir())
+    if not entries and not any(out.iterdir()):
+        return
+    mine = next((m for m in models if m["path"] == str(out)), None)
+    if mine is None and (out / MANIFEST).exists():
+        mine = {}
+    if mine is None:
+        raise MergePipeError(f"--overwrite refused: {out} is not a MergePipe output (no "
+                             f"{MANIFEST}); move it away yourself if it should go")
+    kind = cat.rows(sa.select(schema.models.c.kind).where(
+        schema.models.c.model_id == mine.get("model_id")))
+    if kind and kind[0]["kind"] != "merged":
+        raise MergePipeError(f"--overwrite refused: {out} is registered model "
+                             f"{mine['name']!r}, not a previous merge output")
+    try:
+        manifest = json.loads((out / MANIFEST).read_text())
+        listed = set(manifest.get("files", {})) | set(manifest.get("side_files", {}))
+    except (OSError, ValueError, AttributeError):
+        raise MergePipeError(f"--overwrite refused: {out / MANIFEST} is unreadable")
+    from mergepipe.catalog.register import INDEX_FILE, SIDE_FILES
+    legacy = set(SIDE_FILES) | {INDEX_FILE} if "side_files" not in manifest else set()
+    extra = [e for e in entries if e != MANIFEST and e not in listed and e not in legacy]
+    if extra:
+        raise MergePipeError(f"--overwrite refused: {out} holds {extra[0]!r}, which the "
+                             f"previous merge did not write")
+    if mine.get("model_id"):
+        children = cat.rows(sa.select(schema.models.c.name).join(
+            schema.lineage, schema.lineage.c.child_model_id == schema.models.c.model_id).where(
+            schema.lineage.c.parent_model_id == mine["model_id"]))
+        if children:
+            raise MergePipeError(f"--overwrite refused: {out} holds model {mine['name']!r}, a "
+                                 f"parent of {children[0]['name']!r}; replacing it would "
+                                 f"falsify that lineage")
+
+
+def begin_run(cat: Catalog, plan: Plan, out: str | Path, overwrite: bool = False,
+              plan_inserted: bool = False, device: str = "cpu",
+              name: str | None = None) -> RunTicket:
+    """Check the output, record a PENDING run and create its empty staging directory.
+
+    Without ``name`` the name is checked at commit (``finish_run`` may give it)."""
+    out = check_output(cat, out, overwrite, name, plan, check_name_now=name is not None)
+    made = out.parent
+    while not made.parent.exists():
+        made = made.parent
+    made_parent = str(made) if not made.exists() else None
     run_id = new_id()
     staging = staging_path(out, run_id)
-    staging.mkdir()
-    cat.execute(schema.runs.insert().values(
-        run_id=run_id, plan_id=plan.plan_id, status="PENDING", out_path=str(out),
-        staging_path=str(staging), pid=os.getpid(), host=socket.gethostname(), device=device,
-        started_at=now()))
-    return RunTicket(run_id, plan.plan_id, str(out), str(staging), overwrite, plan_inserted)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging.mkdir()
+        cat.execute(schema.runs.insert().values(
+            run_id=run_id, plan_id=plan.plan_id, status="PENDING", out_path=str(out),
+            staging_path=str(staging), pid=os.getpid(), host=socket.gethostname(),
+            device=device, started_at=now()))
+    except BaseException:
+        _remove_made(staging, made_parent)
+        raise
+    return RunTicket(run_id, plan.plan_id, str(out), str(staging), overwrite, plan_inserted,
+                     name, made_parent)
+
+
+def _remove_made(staging: Path, made_parent: str | None) -> None:
+    """Take away the staging folder and the (empty) folders made to hold it."""
+    shutil.rmtree(staging, ignore_errors=True)
+    if made_parent is None:
+        return
+    d = staging.parent
+    while True:
+        try:
+            d.rmdir()
+        except OSError:
+            return
+        if str(d) == made_parent:
+            return
+        d = d.parent
 
 
 def abort_run(cat: Catalog, ticket: RunTicket) -> None:
     """Undo a run that failed cleanly: no staging left, catalog as before the apply."""
-    shutil.rmtree(ticket.staging, ignore_errors=True)
+    _remove_made(Path(ticket.staging), ticket.made_parent)
     with cat.transaction() as c:
         c.execute(schema.runs.delete().where(schema.runs.c.run_id == ticket.run_id))
         if ticket.plan_inserted:
             c.execute(schema.plans.delete().where(schema.plans.c.plan_id == ticket.plan_id))
+
+
+def file_sha256(path: Path, limit: int | None = None) -> str:
+    """sha256 of a file (or of its first ``limit`` bytes)."""
+    h = hashlib.sha256()
+    left = limit
+    with open(path, "rb") as f:
+        while left is None or left > 0:
+            chunk = f.read(1 << 20 if left is None else min(1 << 20, left))
+            if not chunk:
+                break
+            h.update(chunk)
+            if left is not None:
+                left -= len(chunk)
+    return h.hexdigest()
+
+
+def describe_files(folder: Path, weights: dict[str, int]) -> dict[str, Any]:
+    """Manifest entries for everything in an output besides the tensors' data:
+    each side file (index, config, tokenizer, card) with its size and sha256,
+    and the sha256 of each weight shard's header."""
+    from mergepipe.safetensors_format import read_header
+    side: dict[str, dict[str, Any]] = {}
+    for p in sorted(folder.rglob("*")):
+        rel = p.relative_to(folder).as_posix()
+        if p.is_dir() or rel == MANIFEST or rel in weights:
+            continue
+        side[rel] = {"size": p.stat().st_size, "sha256": file_sha256(p)}
+    headers = {rel: file_sha256(folder / rel, read_header(folder / rel).data_start)
+               for rel in weights}
+    return {"side_files": side, "headers": headers}
 
 
 def write_manifest(plan: Plan, ticket: RunTicket, report: ExecReport) -> None:
@@ -105,26 +262,29 @@ def write_manifest(plan: Plan, ticket: RunTicket, report: ExecReport) -> None:
     import torch
 
     import mergepipe
+    staging = Path(ticket.staging)
     doc = {
-        "format": 1,
+        "format": 2,
         "plan_id": plan.plan_id,
         "run_id": ticket.run_id,
+        "name": ticket.name,
         "method": plan.method,
         "inputs": [{"name": s.key, "model_id": s.model_id, "path": s.path,
                     "fingerprint": s.fingerprint, "role": s.role} for s in plan.sources],
         "files": report.files,
+        **describe_files(staging, report.files),
         "tensor_hash": "blake2b-128",
         "tensors": report.tensor_hashes,
         "versions": {"mergepipe": mergepipe.__version__, "torch": torch.__version__,
                      "safetensors": safetensors.__version__, "python": platform.python_version()},
         "created_at": now().isoformat(),
     }
-    path = Path(ticket.staging) / MANIFEST
+    path = staging / MANIFEST
     with open(path, "w") as f:
         json.dump(doc, f, indent=1)
         f.flush()
         os.fsync(f.fileno())
-    for p in Path(ticket.staging).iterdir():
+    for p in staging.rglob("*"):
         if p.is_file() and p.name != MANIFEST and not p.name.endswith(".safetensors"):
             with open(p, "rb") as fh:  # side files were copied without fsync
                 os.fsync(fh.fileno())
@@ -148,7 +308,7 @@ def record_commit(cat: Catalog, plan: Plan, ticket: RunTicket, report: ExecRepor
     """One catalog transaction: the new model, its lineage, the run COMMITTED."""
     out = Path(ticket.out)
     with cat.transaction() as c:
-        model = register_model(cat, out, name=name or out.name, kind="merged",
+        model = register_model(cat, out, name=name or ticket.name or out.name, kind="merged",
                                precomputed_hashes=report.tensor_hashes)
         c.execute(schema.lineage.delete().where(
             schema.lineage.c.child_model_id == model["model_id"]))
@@ -191,6 +351,9 @@ def _params_for(spec_params: dict[str, Any], source: Any) -> Any:
 
 def commit_run(cat: Catalog, plan: Plan, ticket: RunTicket, report: ExecReport,
                name: str | None = None) -> ApplyResult:
+    if name:
+        ticket.name = name
+    check_name(cat, Path(ticket.out), ticket.name)  # before anything lands at --out
     crash_point("before_manifest")
     write_manifest(plan, ticket, report)
     crash_point("after_manifest")
@@ -213,8 +376,11 @@ def committed_result(cat: Catalog, plan: Plan) -> ApplyResult | None:
     rows = cat.rows(sa.select(r, m.c.name).join(m, m.c.model_id == r.c.model_id).where(
         r.c.plan_id == plan.plan_id, r.c.status == "COMMITTED").order_by(r.c.finished_at.desc()))
     for row in rows:
-        manifest = Path(row["out_path"]) / MANIFEST
-        if manifest.exists() and json.loads(manifest.read_text()).get("plan_id") == plan.plan_id:
+        try:
+            manifest = json.loads((Path(row["out_path"]) / MANIFEST).read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(manifest, dict) and manifest.get("plan_id") == plan.plan_id:
             return ApplyResult(
                 plan_id=plan.plan_id, run_id=row["run_id"], model=row["name"],
                 model_id=row["model_id"], out=row["out_path"],

@@ -83,7 +83,8 @@ def attach_base(cat: Catalog, plan: Plan) -> dict[str, Any]:
             raise BudgetError(f"base model {base['name']!r} has no tensor {t.name!r} matching "
                               f"the experts' dtype")
         t.base = Read(src=bi, file=bt["file"], offset=bt["byte_offset"],
-                      nbytes=bt["byte_length"], dtype=bt["dtype"])
+                      nbytes=bt["byte_length"], dtype=bt["dtype"],
+                      content_hash=bt["content_hash"])
         if t.scope == "copy":
             t.inputs, t.input_keys = [], []
         for r in t.inputs:

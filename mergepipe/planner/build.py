@@ -271,7 +271,7 @@ def build_exact_plan(cat: Catalog, spec_src: str | Path | dict[str, Any],
 
 def _read(src: int, t: dict[str, Any]) -> Read:
     return Read(src=src, file=t["file"], offset=t["byte_offset"], nbytes=t["byte_length"],
-                dtype=t["dtype"])
+                dtype=t["dtype"], content_hash=t.get("content_hash"))
 
 
 def assign_shards(tasks: list[TensorTask], shard_size: int) -> list[str]:

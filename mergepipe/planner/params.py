@@ -18,12 +18,18 @@ filters all miss passes the lookup on to the next one, as in mergekit.
 """
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Any
 
 from mergepipe.errors import SpecError
 
 MISSING = object()
-_SCALARS = (int, float, bool, str)
+_SCALARS = (int, float, bool, str, numbers.Real)
+# fractions of a tensor's entries: anything outside [0, 1] has no meaning
+UNIT_INTERVAL = {"density", "gamma", "epsilon"}
+BOOL_WORDS = {"true": True, "yes": True, "on": True, "1": True,
+              "false": False, "no": False, "off": False, "0": False}
 
 
 def gradient_t(index: int, count: int) -> float:
@@ -34,7 +40,7 @@ def gradient_t(index: int, count: int) -> float:
 def _as_number(v: Any) -> float | None:
     if isinstance(v, bool):
         return None
-    if isinstance(v, (int, float)):
+    if isinstance(v, numbers.Real):
         return float(v)
     if isinstance(v, str):  # YAML 1.1 reads "1e-3" as a string; mergekit coerces it
         try:
@@ -48,24 +54,53 @@ def _is_condition(value: Any) -> bool:
     return isinstance(value, dict) and "value" in value and not set(value) - {"filter", "value"}
 
 
-def validate_setting(name: str, value: Any, num_layers: int | None = None) -> None:
+def check_scalar(name: str, value: Any, kind: str | None) -> None:
+    """One leaf value: a finite number of the right type (a boolean is not a number),
+    inside [0, 1] for fractions; or true/false for a switch. ``kind`` is "number",
+    "bool", or None when the parameter's type is not known here (finiteness only)."""
+    if kind == "bool":
+        if isinstance(value, bool) or (isinstance(value, str) and
+                                       value.strip().lower() in BOOL_WORDS) or \
+                (isinstance(value, numbers.Real) and value in (0, 1)):
+            return
+        raise SpecError(f"parameter {name!r}: expected true or false, got {value!r}")
+    if isinstance(value, bool) or (isinstance(value, str) and kind is None):
+        if kind == "number":
+            raise SpecError(f"parameter {name!r}: expected a number, got {value!r} (a boolean)")
+        return
+    x = _as_number(value)
+    if x is None:
+        raise SpecError(f"parameter {name!r}: expected a number, got {value!r}")
+    if not math.isfinite(x):
+        raise SpecError(f"parameter {name!r}: {value!r} is not a finite number")
+    if name in UNIT_INTERVAL and not 0.0 <= x <= 1.0:
+        raise SpecError(f"parameter {name!r}: {value!r} is outside [0, 1]")
+
+
+def validate_setting(name: str, value: Any, num_layers: int | None = None,
+                     kind: str | None = None) -> None:
     """Reject malformed settings at plan time with a message naming the parameter."""
     if isinstance(value, _SCALARS):
+        check_scalar(name, value, kind)
         return
     if _is_condition(value):
         _check_filter(name, value)
-        _validate_value(name, value["value"], num_layers)
+        _validate_value(name, value["value"], num_layers, kind)
         return
     if isinstance(value, dict):
         if set(value) - {"layers", "default"} or "layers" not in value:
             raise SpecError(f"parameter {name!r}: a mapping must be {{filter, value}} or "
-                            f"{{layers: [...], default: v}}, got keys {sorted(value)}")
+                            f"{{layers: [...], default: v}}, got keys {sorted(map(str, value))}")
         layers = value["layers"]
         if not isinstance(layers, list) or not layers or \
                 not all(_as_number(v) is not None for v in layers):
             raise SpecError(f"parameter {name!r}: 'layers' must be a list of numbers")
+        for v in layers:
+            check_scalar(name, v, kind)
         if "default" in value and not isinstance(value["default"], _SCALARS):
             raise SpecError(f"parameter {name!r}: 'default' must be a single value")
+        if "default" in value:
+            check_scalar(name, value["default"], kind)
         if num_layers is not None and len(layers) != num_layers:
             raise SpecError(f"parameter {name!r}: per-layer list has {len(layers)} values "
                             f"but the merged model has {num_layers} layers")
@@ -74,13 +109,15 @@ def validate_setting(name: str, value: Any, num_layers: int | None = None) -> No
         if not value:
             raise SpecError(f"parameter {name!r}: empty list")
         if all(isinstance(v, _SCALARS) for v in value):
+            for v in value:
+                check_scalar(name, v, kind)
             return
         for cond in value:
             if not _is_condition(cond):
                 raise SpecError(f"parameter {name!r}: list items must all be numbers or "
                                 f"{{filter, value}} mappings, got {cond!r}")
             _check_filter(name, cond)
-            _validate_value(name, cond["value"], num_layers)
+            _validate_value(name, cond["value"], num_layers, kind)
         return
     raise SpecError(f"parameter {name!r}: unsupported value {value!r}")
 
@@ -91,14 +128,15 @@ def _check_filter(name: str, cond: dict[str, Any]) -> None:
         raise SpecError(f"parameter {name!r}: filter must be a string, got {flt!r}")
 
 
-def _validate_value(name: str, value: Any, num_layers: int | None) -> None:
+def _validate_value(name: str, value: Any, num_layers: int | None,
+                    kind: str | None = None) -> None:
     """A filtered value: a scalar, a gradient, or a per-layer vector (no nested filters)."""
     if isinstance(value, list) and not all(isinstance(v, _SCALARS) for v in value):
         raise SpecError(f"parameter {name!r}: a filter's value must be a number or a "
                         f"list of numbers, not {value!r}")
     if _is_condition(value):
         raise SpecError(f"parameter {name!r}: filters cannot be nested")
-    validate_setting(name, value, num_layers)
+    validate_setting(name, value, num_layers, kind)
 
 
 def _gradient(values: list[Any], t: float) -> Any:

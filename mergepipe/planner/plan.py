@@ -39,6 +39,7 @@ class Read:
     dtype: str
     rows: list[tuple[int, int]] | None = None   # None: all rows; else selected [a, b) ranges
     alias_base: bool = False              # byte-identical to the base: reuse, don't read
+    content_hash: str | None = None       # registered blake2b-128; the engine checks it
 
     def bytes_to_read(self, row_bytes: int) -> int:
         if self.alias_base:
@@ -99,6 +100,10 @@ class Plan:
         doc.pop("plan_id")
         if not doc["config_updates"]:  # plans that change no config keep their old ids
             doc.pop("config_updates")
+        for t in doc["tasks"]:  # and plans made before reads carried hashes keep theirs
+            for r in [t["base"], *t["inputs"]]:
+                if r is not None and r.get("content_hash") is None:
+                    r.pop("content_hash", None)
         return doc
 
     def canonical_json(self) -> str:

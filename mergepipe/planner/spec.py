@@ -5,6 +5,8 @@ does not implement raise an error naming them — nothing is silently ignored.
 """
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,10 @@ MODEL_KEYS = {"model", "parameters"}
 SLICE_KEYS = {"sources", "base_model", "parameters"}
 SOURCE_KEYS = {"model", "layer_range", "parameters"}
 DEFAULT_SHARD = 5 * 10**9
+MAX_SPEC_BYTES = 1 << 20          # a merge spec is a few KiB; refuse anything near this
+MAX_SPEC_NODES = 100_000          # values after YAML aliases are expanded
+MAX_SPEC_CHARS = 1 << 20          # characters of text after aliases are expanded
+OUT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 
 
 @dataclass
@@ -68,8 +74,19 @@ class MergeSpec:
 
 
 def parse_size(value: Any, what: str = "size") -> int:
-    """'2GiB', '500MB', '1e9', 1000 → bytes."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
+    """'2GiB', '500MB', '1e9', 1000 → a positive number of bytes."""
+    n = _parse_size(value, what)
+    if n <= 0:
+        raise SpecError(f"{what} must be positive, got {value!r}")
+    return n
+
+
+def _parse_size(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise SpecError(f"cannot read {what} {value!r} (examples: 2GiB, 500MB, 1000000)")
+    if isinstance(value, (int, float)):
+        if not math.isfinite(value):
+            raise SpecError(f"{what} must be a finite size, got {value!r}")
         return int(value)
     s = str(value).strip().replace("_", "")
     units = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9,
@@ -80,7 +97,10 @@ def parse_size(value: Any, what: str = "size") -> int:
     try:
         if unit not in units:
             raise ValueError
-        return int(float(num) * units[unit])
+        size = float(num) * units[unit]
+        if not math.isfinite(size):
+            raise SpecError(f"{what} must be a finite size, got {value!r}")
+        return int(size)
     except ValueError:
         raise SpecError(f"cannot read {what} {value!r} (examples: 2GiB, 500MB, 1000000)")
 
@@ -96,23 +116,61 @@ def _ref(value: Any, where: str) -> str:
 
 
 def load_spec_dict(source: str | Path | dict[str, Any]) -> dict[str, Any]:
+    """The spec as a mapping: a small UTF-8 YAML file whose aliases do not blow up."""
     if isinstance(source, dict):
+        check_spec_size(source, "spec")
         return source
     path = Path(source)
-    if not path.exists():
-        raise SpecError(f"spec file {path} does not exist")
     try:
-        doc = yaml.safe_load(path.read_text())
+        if not path.is_file():
+            what = "does not exist" if not path.exists() else "is not a regular file"
+            raise SpecError(f"spec file {path} {what}")
+        if path.stat().st_size > MAX_SPEC_BYTES:
+            raise SpecError(f"spec file {path} is {path.stat().st_size} bytes; a merge spec "
+                            f"must be under {MAX_SPEC_BYTES} bytes")
+        text = path.read_bytes()[:MAX_SPEC_BYTES + 1].decode("utf-8")
+    except UnicodeDecodeError:
+        raise SpecError(f"{path}: not a UTF-8 text file")
+    except OSError as exc:
+        raise SpecError(f"cannot read spec file {path}: {exc.strerror or exc}")
+    try:
+        doc = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise SpecError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})")
+    except RecursionError:
+        raise SpecError(f"{path}: nested too deeply")
     if not isinstance(doc, dict):
         raise SpecError(f"{path}: a merge spec must be a YAML mapping")
+    check_spec_size(doc, str(path))
     return doc
+
+
+def check_spec_size(doc: Any, where: str) -> None:
+    """Refuse a spec that expands (through YAML aliases or self-reference) past
+    MAX_SPEC_NODES values or MAX_SPEC_CHARS characters: it would be stored and
+    hashed whole."""
+    nodes, chars, stack = 0, 0, [doc]
+    while stack:
+        item = stack.pop()
+        nodes += 1
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+        else:
+            chars += len(str(item)) if isinstance(item, str) else 8
+        if nodes > MAX_SPEC_NODES or chars > MAX_SPEC_CHARS:
+            raise SpecError(f"{where}: the spec expands to more than {MAX_SPEC_NODES} values or "
+                            f"{MAX_SPEC_CHARS} characters (YAML aliases?); refusing it")
 
 
 def parse_spec(source: str | Path | dict[str, Any], seed: int | None = None) -> MergeSpec:
     """Validate a spec's structure, method and parameter names (not the models)."""
     raw = load_spec_dict(source)
+    odd = [k for k in raw if not isinstance(k, str)]
+    if odd:
+        raise SpecError(f"spec key {odd[0]!r} is not a name")
     bad = set(raw) & UNSUPPORTED_TOP
     if bad:
         raise SpecError(f"spec key {sorted(bad)[0]!r} is not supported by mergepipe")
@@ -136,29 +194,53 @@ def parse_spec(source: str | Path | dict[str, Any], seed: int | None = None) -> 
             raise SpecError(f"models[{i}]: expected a mapping with 'model'")
         extra = set(m) - MODEL_KEYS
         if extra:
-            raise SpecError(f"models[{i}]: unknown key {sorted(extra)[0]!r}")
+            raise SpecError(f"models[{i}]: unknown key {sorted(map(str, extra))[0]!r}")
         params = m.get("parameters") or {}
         _check_params(method, params, f"models[{i}].parameters", per_model=True)
         models.append(ModelInput(_ref(m["model"], f"models[{i}]"), dict(params)))
     slices = _parse_slices(method, raw["slices"]) if raw.get("slices") is not None else None
     if slices is None and not models:
         raise SpecError("spec lists no models")
-    parameters = dict(raw.get("parameters") or {})
+    parameters = raw.get("parameters") or {}
     _check_params(method, parameters, "parameters", per_model=False)
+    parameters = dict(parameters)
     base = _ref(raw["base_model"], "base_model") if raw.get("base_model") else None
     if method.base == "required" and base is None and \
             (slices is None or any(s.base is None for s in slices)):
         raise SpecError(f"method {method.name!r} needs a base_model")
-    spec_seed = raw.get("seed", 0) if seed is None else seed
-    try:
-        spec_seed = int(spec_seed)
-    except (TypeError, ValueError):
-        raise SpecError(f"seed must be an integer, got {spec_seed!r}")
+    spec_seed = _seed(raw.get("seed", 0) if seed is None else seed)
+    for key in ("dtype", "out_dtype"):
+        _check_dtype(key, raw.get(key))
+    if raw.get("name") is not None and not isinstance(raw["name"], str):
+        raise SpecError(f"name must be a string, got {raw['name']!r}")
     return MergeSpec(
         method=method, base=base, models=models, parameters=parameters,
         dtype=raw.get("dtype"), out_dtype=raw.get("out_dtype"), seed=spec_seed,
         out_shard_size=parse_size(raw.get("out_shard_size", DEFAULT_SHARD), "out_shard_size"),
         raw=raw, slices=slices)
+
+
+def _seed(value: Any) -> int:
+    """An integer seed (a digit string as YAML may give it); not a boolean, not 1.5."""
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or \
+            not 0 <= value < 2**63:
+        raise SpecError(f"seed must be a non-negative integer, got {value!r}")
+    return int(value)
+
+
+def _check_dtype(key: str, value: Any) -> None:
+    """Merged weights are written as one of the float types the engine computes in."""
+    if value is None:
+        return
+    from mergepipe.safetensors_format import FLOAT_CODES, dtype_code
+    try:
+        ok = isinstance(value, str) and dtype_code(value) in FLOAT_CODES
+    except ValueError:
+        ok = False
+    if not ok:
+        raise SpecError(f"{key} {value!r} is not supported; use one of {', '.join(OUT_DTYPES)}")
 
 
 def _parse_slices(method: MergeMethod, value: Any) -> list[SliceSpec]:
@@ -171,7 +253,7 @@ def _parse_slices(method: MergeMethod, value: Any) -> list[SliceSpec]:
             raise SpecError(f"{where}: expected a mapping with 'sources'")
         extra = set(sl) - SLICE_KEYS
         if extra:
-            key = sorted(extra)[0]
+            key = sorted(map(str, extra))[0]
             why = " (mergekit accepts it but ignores it)" if key == "residual_weight" else ""
             raise SpecError(f"{where}: unsupported key {key!r}{why}")
         params = sl.get("parameters") or {}
@@ -194,7 +276,7 @@ def _parse_source(method: MergeMethod, src: Any, where: str) -> SliceSource:
         raise SpecError(f"{where}: expected a mapping with 'model' and 'layer_range'")
     extra = set(src) - SOURCE_KEYS
     if extra:
-        raise SpecError(f"{where}: unknown key {sorted(extra)[0]!r}")
+        raise SpecError(f"{where}: unknown key {sorted(map(str, extra))[0]!r}")
     lr = src["layer_range"]
     if not (isinstance(lr, list) and len(lr) == 2 and all(isinstance(v, int) and
                                                           not isinstance(v, bool) for v in lr)
@@ -223,4 +305,5 @@ def _check_params(method: MergeMethod, params: Any, where: str, per_model: bool)
         if key not in allowed:
             raise SpecError(f"{where}: unknown parameter {key!r} for method {method.name!r}"
                             f" (known: {', '.join(sorted(allowed)) or 'none'})")
-        validate_setting(key, value, None)
+        default = method.model_params.get(key, method.global_params.get(key))
+        validate_setting(key, value, None, "bool" if isinstance(default, bool) else "number")
