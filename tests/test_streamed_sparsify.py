@@ -125,3 +125,19 @@ def test_small_row_blocks_write_the_whole_tensor_bytes(name, bf16_family, tmp_pa
     assert (rows.phases["reread_bytes"] > 0) == needs_stats
     assert set(rows.phases) >= {"read", "decode", "stats", "math", "encode", "write", "hash",
                                 "fsync", "threads", "cores"}
+
+
+def test_apply_records_the_phases_with_the_run(bf16_family, tmp_path):
+    """The per-phase seconds reach apply's result and the output's manifest."""
+    import json
+
+    from mergepipe import api
+    from mergepipe.engine.transaction import MANIFEST
+
+    with api.open_catalog(tmp_path / "ws") as cat:
+        plan = api.build_plan(cat, _spec("ties", bf16_family))
+        res = api.apply_plan(cat, plan, tmp_path / "out", block_bytes=3 * 256)
+    manifest = json.loads((tmp_path / "out" / MANIFEST).read_text())
+    assert manifest["phases"] == res.phases
+    assert res.phases["reread_bytes"] > 0 and res.phases["threads"] >= 1
+    assert res.phases["math"] > 0 and res.phases["read"] > 0
