@@ -133,7 +133,7 @@ def mergepipe_execute(cfg: dict[str, Any], home: Path, out: Path, seed: int | No
 
     with api.open_catalog(home) as cat:
         plan = api.build_plan(cat, copy.deepcopy(cfg), seed=seed, store=False)
-    api.execute_plan(plan, out)
+    api.execute_plan(plan, out, threads=torch.get_num_threads())  # the caller's, not the idle
     return out
 
 

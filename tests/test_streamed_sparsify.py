@@ -141,3 +141,18 @@ def test_apply_records_the_phases_with_the_run(bf16_family, tmp_path):
     assert manifest["phases"] == res.phases
     assert res.phases["reread_bytes"] > 0 and res.phases["threads"] >= 1
     assert res.phases["math"] > 0 and res.phases["read"] > 0
+
+
+def test_threads_follow_the_idle_cores_and_are_put_back(bf16_family, tmp_path):
+    from mergepipe import api
+    from mergepipe.engine.execute import usable_cores
+
+    before = torch.get_num_threads()
+    with api.open_catalog(tmp_path / "ws") as cat:
+        plan = api.build_plan(cat, _spec("ties", bf16_family), store=False)
+    auto = api.execute_plan(plan, tmp_path / "auto")
+    one = api.execute_plan(plan, tmp_path / "one", threads=1)
+    assert torch.get_num_threads() == before
+    assert 1 <= auto.phases["threads"] <= usable_cores() == auto.phases["cores"]
+    assert one.phases["threads"] == 1
+    assert _sha(tmp_path / "auto") == _sha(tmp_path / "one")

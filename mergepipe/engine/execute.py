@@ -290,18 +290,28 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
+def idle_threads() -> int:
+    """The usable cores that other runnable work (the 1-minute load) leaves free, at least 1.
+
+    The engine runs many short parallel sections (one per op and row block);
+    when another job holds a core, every section waits for a time slice. On
+    the shared 2-core machine at load ~27 a small TIES merge took 3.7 s on one
+    thread and 53 s on two, so threads beyond the idle cores only cost time.
+    """
+    cores = usable_cores()
+    return max(1, min(cores, int(cores + 0.5 - os.getloadavg()[0])))
+
+
 def execute_plan(plan: Plan, out_dir: str | Path, device: str = "cpu",
                  block_bytes: int = DEFAULT_BLOCK_BYTES, allow_nonfinite: bool = False,
                  progress: bool = False, threads: int | None = None) -> ExecReport:
     """Write the merged checkpoint into ``out_dir`` (an empty staging directory).
 
     ``threads`` sets torch's thread count for this call only (restored after);
-    None keeps the caller's, whose default already follows the affinity mask
-    (see :func:`usable_cores`). Outputs do not depend on it.
+    None picks :func:`idle_threads`. Outputs do not depend on it.
     """
     previous = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
+    torch.set_num_threads(threads if threads is not None else idle_threads())
     try:
         return _execute(plan, Path(out_dir), device, block_bytes, allow_nonfinite, progress)
     finally:
