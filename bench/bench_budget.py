@@ -104,7 +104,7 @@ def markdown(doc: dict) -> str:
     loads = [x["loadavg_1m"] for r in doc["grid"] for x in r["runs"]] + \
         [r["mergekit"]["loadavg_1m"] for r in doc["grid"]]
     lines.append(f"\nLoad average (1 min) at the start of each run: {min(loads):.2f}–{max(loads):.2f} "
-                 f"on 2 cores; both tools ran with OMP_NUM_THREADS={THREAD_ENV['OMP_NUM_THREADS']}. "
+                 f"on 2 cores; both tools ran with OMP_NUM_THREADS={THREAD_ENV.get('OMP_NUM_THREADS', 'unset')}. "
                  "Wall time is the whole command (process start, planning, merge, fsync, commit). "
                  f"Command: `python bench/bench_budget.py --size {doc['size']} --ks "
                  f"{' '.join(str(r['k']) for r in doc['grid'])} --budgets "

@@ -1,14 +1,20 @@
-"""The same TIES / task-arithmetic merge with MergePipe and mergekit, measured in one run.
+"""MergePipe against mergekit on the same merges, measured in one run, with the disk's floor.
 
-For each method: page cache dropped for every model file, then mergekit, then
-(cache dropped again) MergePipe's exact plan, each as a subprocess. Reported
-per tool: wall time, peak RSS, physical bytes read (kernel counters), bytes
-written, and for MergePipe its reader's own per-source counts. The outputs are
-compared (max-abs difference) so a speed number never hides a wrong answer.
-Registration (one full hash of every model) is a one-time catalog cost and is
-reported separately.
+For each K (number of experts) and method: the page cache is dropped for every
+model file, then mergekit runs the full merge, then (cache dropped again)
+MergePipe's exact plan, then MergePipe at ``--io-budget`` (its speed-up is
+against mergekit's full merge, which has no budget). Each tool is a subprocess:
+wall time, peak RSS (VmHWM), physical bytes read (kernel counters). For MergePipe
+the engine's per-phase seconds (read, decode, stats, math, encode, queue wait,
+write, hash, fsync) come from ``apply --json``. The I/O floor is ``cat`` of the
+same input files from a cold cache. Outputs are compared with mergekit's
+(max-abs and relative deviation), so a speed number never hides a wrong answer.
+Models are bf16 and so is the output (``--dtype``); mergekit computes in that
+dtype, MergePipe in float32, so the two differ by bf16 rounding. Threads are
+each tool's default unless BENCH_THREADS is set. Registration (one full hash of
+every model) is a one-time catalog cost, reported apart.
 
-    python bench/bench_merge.py --size 0.6b --experts 8
+    python bench/bench_merge.py --size 0.6b --experts 8 16
 """
 from __future__ import annotations
 
@@ -22,10 +28,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from family import make_family  # noqa: E402
-from harness import (MERGEKIT_ENV, compare_models, dir_bytes, drop_cache, gib,  # noqa: E402
-                     merge_config, mergekit_cmd, mergepipe_cmd, run_measured)
+from harness import (MERGEKIT_ENV, THREAD_ENV, compare_models, dir_bytes, drop_cache,  # noqa: E402
+                     gib, io_floor, machine, merge_config, mergekit_cmd, mergepipe_cmd,
+                     run_measured)
 
 PARAMS = {"ties": {"weight": 1.0, "density": 0.5}, "task_arithmetic": None}
+PHASES = ("read", "decode", "stats", "math", "encode", "queue_wait", "write", "hash", "fsync")
 
 
 def register_all(home: Path, models: list[Path]) -> dict[str, float]:
@@ -38,73 +46,122 @@ def register_all(home: Path, models: list[Path]) -> dict[str, float]:
     return out
 
 
-def one_method(method: str, base: Path, experts: list[Path], home: Path, work: Path) -> dict:
+def _mergepipe(home: Path, cfg: Path, out: Path, models: list[Path], *extra: str) -> dict:
+    drop_cache(*models)
+    res = run_measured(mergepipe_cmd(home, "apply", cfg, "--out", out, "--json", *extra))
+    info = json.loads(res["stdout"].strip().splitlines()[-1])
+    return {"wall_s": res["wall_s"], "peak_rss": res["peak_rss"], "read_bytes": res["read_bytes"],
+            "bytes_written": info["bytes_written"], "reader_base": info["bytes_read"]["base"],
+            "reader_experts": info["bytes_read"]["experts"], "engine_wall_s": info["wall_s"],
+            "phases": info.get("phases", {}), "loadavg_1m": res["loadavg_1m"]}
+
+
+def one_method(method: str, base: Path, experts: list[Path], home: Path, work: Path,
+               dtype: str, budget: str | None) -> dict:
     k = len(experts)
     params = PARAMS[method] or {"weight": round(1.0 / k, 6)}
     cfg = work / f"{method}-K{k}.yml"
-    cfg.write_text(merge_config(method, base, experts, **params))
-    rows = {}
-    mk_out, mp_out = work / f"mk-{method}", work / f"mp-{method}"
-    for d in (mk_out, mp_out):
+    cfg.write_text(merge_config(method, base, experts, dtype=dtype, **params))
+    models = [base, *experts]
+    outs = {t: work / f"{t}-{method}-K{k}" for t in ("mergekit", "exact", "budget")}
+    for d in outs.values():
         shutil.rmtree(d, ignore_errors=True)
-    drop_cache(base, *experts)
-    mk = run_measured(mergekit_cmd(cfg, mk_out), env=MERGEKIT_ENV)
-    rows["mergekit"] = {"wall_s": mk["wall_s"], "peak_rss": mk["peak_rss"],
-                        "read_bytes": mk["read_bytes"], "bytes_written": dir_bytes(mk_out)}
-    drop_cache(base, *experts)
-    mp = run_measured(mergepipe_cmd(home, "apply", cfg, "--out", mp_out, "--json"))
-    info = json.loads(mp["stdout"].strip().splitlines()[-1])
-    rows["mergepipe"] = {"wall_s": mp["wall_s"], "peak_rss": mp["peak_rss"],
-                         "read_bytes": mp["read_bytes"], "bytes_written": info["bytes_written"],
-                         "reader_base": info["bytes_read"]["base"],
-                         "reader_experts": info["bytes_read"]["experts"],
-                         "engine_wall_s": info["wall_s"]}
-    parity = compare_models(mp_out, mk_out)
-    for d in (mk_out, mp_out):
+    drop_cache(*models)
+    mk = run_measured(mergekit_cmd(cfg, outs["mergekit"]), env=MERGEKIT_ENV)
+    rows = {"mergekit": {"wall_s": mk["wall_s"], "peak_rss": mk["peak_rss"],
+                         "read_bytes": mk["read_bytes"],
+                         "bytes_written": dir_bytes(outs["mergekit"]),
+                         "loadavg_1m": mk["loadavg_1m"]}}
+    rows["mergepipe"] = _mergepipe(home, cfg, outs["exact"], models)
+    rows["mergepipe"].update(_compare(outs["exact"], outs["mergekit"], base))
+    if budget:
+        rows[f"mergepipe {budget}"] = _mergepipe(home, cfg, outs["budget"], models,
+                                                 "--io-budget", budget)
+        rows[f"mergepipe {budget}"].update(_compare(outs["budget"], outs["mergekit"], base))
+    for d in outs.values():
         shutil.rmtree(d, ignore_errors=True)
-    return {"method": method, "experts": k, "params": params, "tools": rows,
-            "max_abs_diff_vs_mergekit": parity["max_abs"], "rel_dev_vs_mergekit": parity["rel_dev"],
-            "speedup": rows["mergekit"]["wall_s"] / rows["mergepipe"]["wall_s"],
-            "rss_ratio": rows["mergekit"]["peak_rss"] / rows["mergepipe"]["peak_rss"]}
+    for tool, v in rows.items():
+        v["speedup"] = rows["mergekit"]["wall_s"] / v["wall_s"]
+    return {"method": method, "experts": k, "params": params, "tools": rows}
 
 
-def table(results: list[dict]) -> str:
-    lines = ["| method | tool | wall s | peak RSS GiB | read GiB (physical) | written GiB | "
-             "speed-up | max-abs diff |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+def _compare(ours: Path, theirs: Path, base: Path) -> dict:
+    c = compare_models(ours, theirs, base)
+    return {"max_abs_vs_mergekit": c["max_abs"],
+            "dev_vs_merge_delta": c["fro_diff"] / c["delta_fro"] if c["delta_fro"] else 0.0}
+
+
+def table(results: list[dict], floors: dict[int, dict]) -> str:
+    lines = ["| K | method | tool | wall s | peak RSS GiB | read GiB (physical) | "
+             "speed-up vs mergekit | ‖ours − mergekit‖ / ‖merged Δ‖ |",
+             "|---:|---|---|---:|---:|---:|---:|---:|"]
+    for k, f in sorted(floors.items()):
+        lines.append(f"| {k} | – | I/O floor (`cat`, cold) | {f['wall_s']:.1f} | – | "
+                     f"{gib(f['read_bytes'])} | – | – |")
     for r in results:
         for tool, v in r["tools"].items():
-            sp = f"{r['speedup']:.2f}×" if tool == "mergepipe" else ""
-            diff = f"{r['max_abs_diff_vs_mergekit']:.2e}" if tool == "mergepipe" else ""
-            lines.append(f"| {r['method']} | {tool} | {v['wall_s']:.1f} | {gib(v['peak_rss'])} | "
-                         f"{gib(v['read_bytes'])} | {gib(v['bytes_written'])} | {sp} | {diff} |")
+            dev = f"{v['dev_vs_merge_delta']:.2e}" if "dev_vs_merge_delta" in v else ""
+            sp = f"{v['speedup']:.2f}×" if tool != "mergekit" else ""
+            lines.append(f"| {r['experts']} | {r['method']} | {tool} | {v['wall_s']:.1f} | "
+                         f"{gib(v['peak_rss'])} | {gib(v['read_bytes'])} | {sp} | {dev} |")
+    return "\n".join(lines)
+
+
+def phase_table(results: list[dict]) -> str:
+    lines = ["| K | method | run | " + " | ".join(PHASES) + " | re-read GiB | threads |",
+             "|---:|---|---|" + "---:|" * (len(PHASES) + 2)]
+    for r in results:
+        for tool, v in r["tools"].items():
+            ph = v.get("phases")
+            if not ph:
+                continue
+            cells = " | ".join(f"{ph.get(p, 0):.1f}" for p in PHASES)
+            lines.append(f"| {r['experts']} | {r['method']} | {tool} | {cells} | "
+                         f"{gib(ph.get('reread_bytes', 0))} | {ph.get('threads', '')} |")
     return "\n".join(lines)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", default="0.6b")
-    ap.add_argument("--experts", type=int, default=8)
-    ap.add_argument("--methods", nargs="+", default=["ties", "task_arithmetic"])
+    ap.add_argument("--experts", type=int, nargs="+", default=[8, 16])
+    ap.add_argument("--methods", nargs="+", default=["task_arithmetic", "ties"])
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--budget", default="10%", help="MergePipe's --io-budget row ('' for none)")
     ap.add_argument("--work", default="bench/out")
     ap.add_argument("--results", default="bench/results")
     args = ap.parse_args()
     work = Path(args.work).resolve()
-    fam = make_family(work / "family", args.size, args.experts)
-    experts = fam.experts[:args.experts]
+    fam = make_family(work / "family", args.size, max(args.experts))
     # its own workspace: DuckDB allows one writer, and the budget bench may run alongside
     home = work / f"ws-{args.size}-merge"
     t0 = time.perf_counter()
-    reg = register_all(home, [fam.base, *experts])
-    results = [one_method(m, fam.base, experts, home, work) for m in args.methods]
-    doc = {"size": args.size, "params": fam.params, "experts": args.experts,
-           "register_s": reg, "results": results, "total_s": time.perf_counter() - t0}
+    reg = register_all(home, [fam.base, *fam.experts])
+    results, floors = [], {}
+    for k in args.experts:
+        experts = fam.experts[:k]
+        floors[k] = io_floor(fam.base, *experts)
+        results += [one_method(m, fam.base, experts, home, work, args.dtype, args.budget or None)
+                    for m in args.methods]
+    command = "python " + " ".join([sys.argv[0], *sys.argv[1:]])
+    doc = {"size": args.size, "params": fam.params, "experts": args.experts, "dtype": args.dtype,
+           "threads": THREAD_ENV.get("OMP_NUM_THREADS", "default"), "machine": machine(),
+           "command": command, "register_s": reg, "io_floor": floors, "results": results,
+           "total_s": time.perf_counter() - t0}
     out = Path(args.results)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"merge_{args.size.replace('.', '_')}_K{args.experts}"
+    stem = f"merge_{args.size.replace('.', '_')}_K{'-'.join(map(str, args.experts))}"
     (out / f"{stem}.json").write_text(json.dumps(doc, indent=2) + "\n")
+    loads = [v["loadavg_1m"] for r in results for v in r["tools"].values()]
     md = (f"# MergePipe vs mergekit, {args.size} ({fam.params / 1e6:.0f}M params), "
-          f"K={args.experts}, float32 output, cold page cache\n\n{table(results)}\n\n"
+          f"K={', '.join(map(str, args.experts))}, {args.dtype} models and output, "
+          f"cold page cache\n\n{table(results, floors)}\n\n"
+          f"## MergePipe engine seconds per phase\n\nwrite and hash run on background "
+          f"threads and overlap the rest; stats is the math of the statistics passes of "
+          f"streamed sparsifying methods.\n\n{phase_table(results)}\n\n"
+          f"Machine: {doc['machine']}; 1-min load average at the start of each run "
+          f"{min(loads):.1f}–{max(loads):.1f} (the machine is shared with other jobs: "
+          f"timings are noisy). Threads: {doc['threads']}. Command: `{command}`.\n\n"
           f"One-time registration (s, cold): {json.dumps(reg)}\n")
     (out / f"{stem}.md").write_text(md)
     print(md)

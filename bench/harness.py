@@ -11,6 +11,7 @@ import json
 import math
 import os
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -42,10 +43,13 @@ def _proc_io() -> dict[str, int]:
     return out
 
 
-# Both tools get the same thread settings; on a shared, oversubscribed machine
-# one intra-op thread is faster for both than OpenMP threads spinning for a core.
-THREAD_ENV = {"OMP_NUM_THREADS": os.environ.get("BENCH_THREADS", "1"),
-              "MKL_NUM_THREADS": os.environ.get("BENCH_THREADS", "1")}
+# Both tools get the same thread settings: torch's default (one thread per core
+# the process may use) unless BENCH_THREADS says otherwise. On a shared,
+# oversubscribed machine one intra-op thread can be faster for both than
+# OpenMP threads waiting for a core.
+THREAD_ENV = ({"OMP_NUM_THREADS": os.environ["BENCH_THREADS"],
+               "MKL_NUM_THREADS": os.environ["BENCH_THREADS"]}
+              if os.environ.get("BENCH_THREADS") else {})
 
 
 def _vm_hwm(pid: int) -> int:
@@ -62,7 +66,9 @@ def _vm_hwm(pid: int) -> int:
 
 def run_measured(cmd: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
     """Run ``cmd`` and return its wall time, peak RSS, physical reads/writes and output."""
-    full_env = {**os.environ, **THREAD_ENV, **(env or {})}
+    # this checkout's mergepipe, whatever an editable install points at
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    full_env = {**os.environ, **THREAD_ENV, "PYTHONPATH": path, **(env or {})}
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         load = os.getloadavg()[0]
         before = _proc_io()
@@ -93,9 +99,10 @@ def run_measured(cmd: list[str], env: dict[str, str] | None = None) -> dict[str,
     return res
 
 
-def merge_config(method: str, base: Path, experts: list[Path], **params: Any) -> str:
-    """One YAML config that both mergekit and MergePipe accept, float32 for exact comparison."""
-    lines = [f"merge_method: {method}", f"base_model: {Path(base).resolve()}", "dtype: float32",
+def merge_config(method: str, base: Path, experts: list[Path], dtype: str = "float32",
+                 **params: Any) -> str:
+    """One YAML config that both mergekit and MergePipe accept (float32: exact comparison)."""
+    lines = [f"merge_method: {method}", f"base_model: {Path(base).resolve()}", f"dtype: {dtype}",
              "models:"]
     for e in experts:
         lines.append(f"  - model: {Path(e).resolve()}")
@@ -104,7 +111,7 @@ def merge_config(method: str, base: Path, experts: list[Path], **params: Any) ->
 
 
 def mergepipe_cmd(home: Path, *args: str) -> list[str]:
-    return ["mergepipe", "--home", str(home), *map(str, args)]
+    return [sys.executable, "-m", "mergepipe", "--home", str(home), *map(str, args)]
 
 
 def mergekit_cmd(config: Path, out: Path) -> list[str]:
@@ -151,6 +158,15 @@ def compare_models(a: Path, b: Path, base: Path | None = None) -> dict[str, floa
     return {"fro_diff": math.sqrt(diff_sq), "fro_ref": math.sqrt(norm_sq),
             "rel_dev": math.sqrt(diff_sq / norm_sq) if norm_sq else 0.0,
             "delta_fro": math.sqrt(delta_sq), "max_abs": max_abs}
+
+
+def io_floor(*dirs: Path) -> dict[str, Any]:
+    """``cat`` of every safetensors file under ``dirs`` from a cold cache: the disk's floor."""
+    files = sorted(str(p) for d in dirs for p in Path(d).rglob("*.safetensors"))
+    drop_cache(*dirs)
+    res = run_measured(["sh", "-c", 'cat "$@" > /dev/null', "cat", *files])
+    return {"wall_s": res["wall_s"], "read_bytes": res["read_bytes"],
+            "bytes": sum(Path(f).stat().st_size for f in files), "loadavg_1m": res["loadavg_1m"]}
 
 
 def dir_bytes(*dirs: Path) -> int:

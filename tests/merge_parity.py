@@ -78,22 +78,38 @@ def fill(cfg: Any, models: dict[str, Path]) -> Any:
     return cfg
 
 
-def _key(cfg: dict[str, Any], seed: int | None) -> str:
-    return hashlib.sha256(json.dumps([cfg, seed], sort_keys=True).encode()).hexdigest()[:16]
+def _key(cfg: dict[str, Any], seed: int | None, stable_sort: bool = False) -> str:
+    key = [cfg, seed] + (["stable"] if stable_sort else [])
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def mergekit_merge(cfg: dict[str, Any], root: Path, seed: int | None = None) -> Path:
-    """mergekit's output for ``cfg`` (absolute model paths), cached by config."""
+def mergekit_merge(cfg: dict[str, Any], root: Path, seed: int | None = None,
+                   stable_sort: bool = False) -> Path:
+    """mergekit's output for ``cfg`` (absolute model paths), cached by config.
+
+    ``stable_sort`` runs mergekit with ``torch.argsort``/``torch.sort`` made
+    stable for the duration (restored after), which fixes its order among
+    equal magnitudes to flat-index order — the tie rule MergePipe uses.
+    """
+    import contextlib
+    import functools
+
     from mergekit.config import MergeConfiguration
     from mergekit.merge import run_merge
     from mergekit.options import MergeOptions
 
-    out = Path(root) / "mergekit" / _key(cfg, seed)
+    out = Path(root) / "mergekit" / _key(cfg, seed, stable_sort)
     if not (out / "config.json").exists():
         shutil.rmtree(out, ignore_errors=True)
         opts = MergeOptions(quiet=True, copy_tokenizer=False, write_model_card=False,
                             random_seed=seed)
-        run_merge(MergeConfiguration.model_validate(copy.deepcopy(cfg)), str(out), opts)
+        with contextlib.ExitStack() as undo:
+            if stable_sort:
+                for name in ("argsort", "sort"):
+                    orig = getattr(torch, name)
+                    setattr(torch, name, functools.partial(orig, stable=True))
+                    undo.callback(setattr, torch, name, orig)
+            run_merge(MergeConfiguration.model_validate(copy.deepcopy(cfg)), str(out), opts)
     return out
 
 
@@ -117,7 +133,7 @@ def mergepipe_execute(cfg: dict[str, Any], home: Path, out: Path, seed: int | No
 
     with api.open_catalog(home) as cat:
         plan = api.build_plan(cat, copy.deepcopy(cfg), seed=seed, store=False)
-    api.execute_plan(plan, out)
+    api.execute_plan(plan, out, threads=torch.get_num_threads())  # the caller's, not the idle
     return out
 
 

@@ -2,19 +2,24 @@
 
 This module knows nothing about the catalog, so a worker process can run it;
 transactions (staging, manifest, commit) are in :mod:`mergepipe.engine.transaction`.
-Peak memory: for block-scope methods a few blocks per input; for tensor-scope
-methods (those needing whole-tensor statistics, e.g. TIES thresholds) one
-float32 copy of the current tensor per input.
+Peak memory: for block-scope methods and for tensor-scope methods that
+stream (TIES, DARE, breadcrumbs, DELLA: statistics passes over row blocks,
+then a merge pass) a few blocks per input; for the other tensor-scope methods
+(SLERP, Model Stock, ...) one float32 copy of the current tensor per input.
+Where the time goes is measured per phase (:class:`Phases`).
 """
 from __future__ import annotations
 
 import json
+import os
 import resource
 import shutil
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from tqdm import tqdm
@@ -44,6 +49,50 @@ class ExecReport:
     tensor_hashes: dict[str, str]
     files: dict[str, int] = field(default_factory=dict)   # relpath -> size
     device: str = "cpu"
+    # seconds per phase (see Phases) plus counters: threads, bytes re-read by
+    # statistics passes (not in bytes_read, which counts each planned byte once)
+    phases: dict[str, float] = field(default_factory=dict)
+
+
+PHASES = ("read", "decode", "stats", "math", "encode", "queue_wait", "write", "hash", "fsync")
+
+
+class Phases:
+    """Seconds spent in each phase of a merge.
+
+    read: ``pread`` of source bytes; decode: to float32 (with the finiteness
+    check); stats: statistics passes of streamed tensor-scope methods (their
+    own reads and decodes are counted there too); math: the merge; encode: to
+    the output dtype; queue_wait: the merge thread blocked on the writer's full
+    queues; write, hash: the writer's background threads (they overlap the
+    rest, so phases add up to more than the wall time); fsync: at shard close.
+    """
+
+    def __init__(self) -> None:
+        self.seconds = {k: 0.0 for k in PHASES}
+        self.counts: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def add(self, name: str, dt: float) -> None:
+        with self._lock:
+            self.seconds[name] = self.seconds.get(name, 0.0) + dt
+
+    @contextmanager
+    def time(self, name: str) -> Iterator[None]:
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(name, time.perf_counter() - t)
+
+    def timed(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            with self.time(name):
+                return fn(*args, **kwargs)
+        return wrapper
+
+    def as_dict(self) -> dict[str, float]:
+        return {**{k: round(v, 6) for k, v in self.seconds.items()}, **self.counts}
 
 
 def peak_rss_bytes() -> int:
@@ -58,7 +107,8 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _chunks(task: TensorTask, block_bytes: int) -> Iterator[tuple[int, int]]:
+def _chunks(task: TensorTask, block_bytes: int,
+            streamed: bool = False) -> Iterator[tuple[int, int]]:
     """Row blocks of about ``block_bytes`` in float32, cut at every selected-row edge.
 
     In budget mode an input reads only some row ranges; cutting there makes
@@ -66,7 +116,7 @@ def _chunks(task: TensorTask, block_bytes: int) -> Iterator[tuple[int, int]]:
     outside every selection need no expert math at all.
     """
     rows = task.rows
-    if task.scope != "block" or rows == 0:
+    if not (task.scope == "block" or streamed) or rows == 0:
         yield 0, rows
         return
     row_f32 = max(1, task.numel // rows) * 4
@@ -121,13 +171,36 @@ class _Prefetcher:
             self.next += 1
 
 
+def _streams(method: Any, task: TensorTask) -> bool:
+    """Tensor-scope methods with a streamer run in row blocks; row-local statistics
+    (DELLA's ranks) need whole rows, which a 1-D tensor does not have."""
+    return task.scope == "tensor" and method.stream is not None and len(task.shape) >= 2
+
+
+def _read_inputs(task: TensorTask, idx: list[int], reader: BlockReader, base: torch.Tensor | None,
+                 a: int, b: int, device: str) -> list[torch.Tensor]:
+    inputs = []
+    for i in idx:
+        r = task.inputs[i]
+        if r.alias_base and base is not None:
+            inputs.append(base)
+        elif r.rows is not None and base is not None:
+            inputs.append(reader.rows_over(r, task.shape, a, b, base, task.name))
+        else:
+            inputs.append(reader.rows(r, task.shape, a, b, task.name, device))
+    return inputs
+
+
 def _merge_task(task: TensorTask, plan: Plan, reader: BlockReader, writer: ShardWriter,
-                device: str, block_bytes: int) -> None:
+                device: str, block_bytes: int, phases: Phases) -> None:
     if task.scope == "copy":  # non-float tensors pass through byte for byte
         src = task.base or task.inputs[0]
         writer.write(task.name, reader.raw(src, 0, src.nbytes))
         return
     method = get_method(plan.method)
+    if _streams(method, task):
+        _stream_task(task, plan, method, reader, writer, device, block_bytes, phases)
+        return
     # inputs equal to the base in a block (unselected in budget mode, or aliases)
     # may be left out of that block when the method adds deltas to the base
     drop = task.scope == "block" and task.base is not None \
@@ -137,17 +210,11 @@ def _merge_task(task: TensorTask, plan: Plan, reader: BlockReader, writer: Shard
         base = reader.rows(task.base, shape, a, b, task.name, device) if task.base else None
         idx = [i for i, r in enumerate(task.inputs) if not drop or _selected(r, a, b)]
         if drop and not idx:  # every delta is zero here: the output is the base
-            writer.write(task.name, _to_bytes(base, task.out_dtype))
+            with phases.time("encode"):
+                data = _to_bytes(base, task.out_dtype)
+            writer.write(task.name, data)
             continue
-        inputs = []
-        for i in idx:
-            r = task.inputs[i]
-            if r.alias_base and base is not None:
-                inputs.append(base)
-            elif r.rows is not None and base is not None:
-                inputs.append(reader.rows_over(r, shape, a, b, base, task.name))
-            else:
-                inputs.append(reader.rows(r, shape, a, b, task.name, device))
+        inputs = _read_inputs(task, idx, reader, base, a, b, device)
         params = task.params
         if len(idx) < len(task.inputs):
             params = {**params, **{k: [params[k][i] for i in idx]
@@ -155,8 +222,47 @@ def _merge_task(task: TensorTask, plan: Plan, reader: BlockReader, writer: Shard
         ctx = TensorContext(name=task.name, shape=shape,
                             input_keys=tuple(task.input_keys[i] for i in idx),
                             seed=plan.seed, row_start=a)
-        out = method.fn(ctx, base, inputs, params)
-        writer.write(task.name, _to_bytes(out, task.out_dtype))
+        with phases.time("math"):
+            out = method.fn(ctx, base, inputs, params)
+        with phases.time("encode"):
+            data = _to_bytes(out, task.out_dtype)
+        writer.write(task.name, data)
+
+
+def _stream_task(task: TensorTask, plan: Plan, method: Any, reader: BlockReader,
+                 writer: ShardWriter, device: str, block_bytes: int, phases: Phases) -> None:
+    """Statistics passes over row blocks, then the merge pass; bytes as ``method.fn``.
+
+    The statistics passes read inputs again (from the page cache when it holds
+    them); those bytes are counted apart, so ``bytes_read`` still counts each
+    planned byte once.
+    """
+    ctx = TensorContext(name=task.name, shape=task.shape, input_keys=tuple(task.input_keys),
+                        seed=plan.seed)
+    stream = method.stream(ctx, task.params, len(task.inputs))
+    chunks = list(_chunks(task, block_bytes, streamed=True))
+    counted = list(reader.bytes_read)
+    for p in range(stream.passes):
+        idx = [i for i, w in enumerate(stream.wanted(p)) if w]
+        for a, b in chunks:
+            base = reader.rows(task.base, task.shape, a, b, task.name, device)
+            got = dict(zip(idx, _read_inputs(task, idx, reader, base, a, b, device)))
+            with phases.time("stats"):
+                stream.observe(p, base, [got.get(i) for i in range(len(task.inputs))])
+        with phases.time("stats"):
+            stream.end_pass(p)
+    reread = sum(reader.bytes_read) - sum(counted)
+    reader.bytes_read[:] = counted
+    phases.counts["reread_bytes"] = phases.counts.get("reread_bytes", 0) + reread
+    everyone = list(range(len(task.inputs)))
+    for a, b in chunks:
+        base = reader.rows(task.base, task.shape, a, b, task.name, device)
+        inputs = _read_inputs(task, everyone, reader, base, a, b, device)
+        with phases.time("math"):
+            out = stream.merge(base, inputs)
+        with phases.time("encode"):
+            data = _to_bytes(out, task.out_dtype)
+        writer.write(task.name, data)
 
 
 def copy_side_files(plan: Plan, out_dir: Path, out_dtype: str | None) -> None:
@@ -176,14 +282,53 @@ def copy_side_files(plan: Plan, out_dir: Path, out_dtype: str | None) -> None:
             shutil.copyfile(Path(src.path) / rel, target)
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity mask, not the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def idle_threads() -> int:
+    """The usable cores that other runnable work (the 1-minute load) leaves free, at least 1.
+
+    The engine runs many short parallel sections (one per op and row block);
+    when another job holds a core, every section waits for a time slice. On
+    the shared 2-core machine at load ~27 a small TIES merge took 3.7 s on one
+    thread and 53 s on two, so threads beyond the idle cores only cost time.
+    """
+    cores = usable_cores()
+    return max(1, min(cores, int(cores + 0.5 - os.getloadavg()[0])))
+
+
 def execute_plan(plan: Plan, out_dir: str | Path, device: str = "cpu",
                  block_bytes: int = DEFAULT_BLOCK_BYTES, allow_nonfinite: bool = False,
-                 progress: bool = False) -> ExecReport:
-    """Write the merged checkpoint into ``out_dir`` (an empty staging directory)."""
+                 progress: bool = False, threads: int | None = None) -> ExecReport:
+    """Write the merged checkpoint into ``out_dir`` (an empty staging directory).
+
+    ``threads`` sets torch's thread count for this call only (restored after);
+    None picks :func:`idle_threads`. Outputs do not depend on it.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads if threads is not None else idle_threads())
+    try:
+        return _execute(plan, Path(out_dir), device, block_bytes, allow_nonfinite, progress)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _execute(plan: Plan, out_dir: Path, device: str, block_bytes: int, allow_nonfinite: bool,
+             progress: bool) -> ExecReport:
     t0 = time.perf_counter()
-    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    phases = Phases()
+    phases.counts["threads"] = torch.get_num_threads()
+    phases.counts["cores"] = usable_cores()
     reader = BlockReader(plan.sources, allow_nonfinite=allow_nonfinite)
+    # time the reader's two steps without changing it: instance attributes win
+    reader.raw = phases.timed("read", reader.raw)                # type: ignore[method-assign]
+    reader._to_float = phases.timed("decode", reader._to_float)  # type: ignore[method-assign]
     hashes: dict[str, str] = {}
     files: dict[str, int] = {}
     written = 0
@@ -191,12 +336,13 @@ def execute_plan(plan: Plan, out_dir: str | Path, device: str = "cpu",
     try:
         for s, fname in enumerate(plan.shards):
             tasks = [t for t in plan.tasks if t.shard == s]
-            writer = ShardWriter(out_dir / fname, [(t.name, t.out_dtype, t.shape) for t in tasks])
+            writer = ShardWriter(out_dir / fname, [(t.name, t.out_dtype, t.shape) for t in tasks],
+                                 phases=phases)
             try:
                 prefetch = _Prefetcher(tasks, reader)
                 for i, task in enumerate(tasks):
                     prefetch.advance(i)
-                    _merge_task(task, plan, reader, writer, device, block_bytes)
+                    _merge_task(task, plan, reader, writer, device, block_bytes, phases)
                     bar.update(1)
                     if i == len(tasks) // 2:
                         crash_point("mid_write")
@@ -222,4 +368,4 @@ def execute_plan(plan: Plan, out_dir: str | Path, device: str = "cpu",
         plan_id=plan.plan_id, bytes_read=by_key, bytes_read_base=base_bytes,
         bytes_read_experts=sum(reader.bytes_read) - base_bytes, bytes_written=written,
         wall_s=time.perf_counter() - t0, peak_rss=peak_rss_bytes(), tensor_hashes=hashes,
-        files=files, device=device)
+        files=files, device=device, phases=phases.as_dict())

@@ -16,7 +16,7 @@ import os
 import platform
 import shutil
 import socket
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +63,7 @@ class ApplyResult:
     io_budget: int | None = None
     error_bound: float | None = None
     error_bound_kind: str | None = None
+    phases: dict[str, float] = field(default_factory=dict)   # engine seconds per phase
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -275,6 +276,7 @@ def write_manifest(plan: Plan, ticket: RunTicket, report: ExecReport) -> None:
         **describe_files(staging, report.files),
         "tensor_hash": "blake2b-128",
         "tensors": report.tensor_hashes,
+        "phases": report.phases,
         "versions": {"mergepipe": mergepipe.__version__, "torch": torch.__version__,
                      "safetensors": safetensors.__version__, "python": platform.python_version()},
         "created_at": now().isoformat(),
@@ -367,7 +369,7 @@ def commit_run(cat: Catalog, plan: Plan, ticket: RunTicket, report: ExecReport,
         bytes_read={"base": report.bytes_read_base, "experts": report.bytes_read_experts},
         bytes_written=report.bytes_written, wall_s=report.wall_s, peak_rss=report.peak_rss,
         io_budget=plan.io_budget, error_bound=plan.error_bound,
-        error_bound_kind=plan.error_bound_kind)
+        error_bound_kind=plan.error_bound_kind, phases=report.phases)
 
 
 def committed_result(cat: Catalog, plan: Plan) -> ApplyResult | None:

@@ -13,7 +13,9 @@ import hashlib
 import os
 import queue
 import threading
+import time
 from pathlib import Path
+from typing import Any
 
 from mergepipe.safetensors_format import layout
 
@@ -58,8 +60,9 @@ class ShardWriter:
     """Writes one shard; tensors must arrive in header order, bytes in row order."""
 
     def __init__(self, path: Path, specs: list[tuple[str, str, tuple[int, ...]]],
-                 metadata: dict[str, str] | None = None):
+                 metadata: dict[str, str] | None = None, phases: Any = None):
         self.path = path
+        self.phases = phases   # an engine Phases: write, hash, queue_wait and fsync seconds
         self.specs = specs
         prefix, self.offsets = layout(specs, metadata if metadata is not None else {"format": "pt"})
         self.f = open(path, "wb")
@@ -71,9 +74,12 @@ class ShardWriter:
         self._hash = hashlib.blake2b(digest_size=16)
         # writing and hashing each get a thread: both release the GIL on big buffers
         self._flushed = 0
-        self._stages = [_Stage(f"write-{path.name}", self._write_block),
-                        _Stage(f"hash-{path.name}", self._hash_block)]
+        self._stages = [_Stage(f"write-{path.name}", self._timed("write", self._write_block)),
+                        _Stage(f"hash-{path.name}", self._timed("hash", self._hash_block))]
         self._send(b"")  # tensors of size 0 at the start are complete already
+
+    def _timed(self, phase: str, fn):
+        return fn if self.phases is None else self.phases.timed(phase, fn)
 
     def _size(self, i: int) -> int:
         if i >= len(self.specs):
@@ -102,8 +108,11 @@ class ShardWriter:
             done.append(self.specs[self._index][0])
             self._index += 1
             self._remaining = self._size(self._index)
+        t = time.perf_counter()
         for stage in self._stages:
             stage.queue.put((data, done))
+        if self.phases is not None:
+            self.phases.add("queue_wait", time.perf_counter() - t)
 
     def _write_block(self, data: bytes | bytearray | memoryview, done: list[str]) -> None:
         self.f.write(data)
@@ -132,8 +141,11 @@ class ShardWriter:
         if self._index < len(self.specs):
             raise RuntimeError(f"shard {self.path.name} closed before tensor "
                                f"{self.specs[self._index][0]!r} was complete")
+        t = time.perf_counter()
         self.f.flush()
         os.fsync(self.f.fileno())
+        if self.phases is not None:
+            self.phases.add("fsync", time.perf_counter() - t)
         self.f.close()
 
     def abort(self) -> None:

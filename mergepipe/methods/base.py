@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, Protocol
 
 import torch
 
@@ -65,9 +65,32 @@ class MergeMethod:
     # checks resolved per-tensor params at plan time (params, input model names);
     # raises SpecError so a bad value fails before anything is read or written
     validate: Callable[[dict[str, Any], list[str]], None] | None = None
+    # a tensor-scope method that can still stream: stream(ctx, params, n_inputs)
+    # returns a Streamer (see below) whose passes over row blocks give fn's bytes
+    stream: Callable[[TensorContext, dict[str, Any], int], "Streamer"] | None = None
 
     def scope_for(self, params: dict[str, Any]) -> str:
         return self.scope
+
+
+class Streamer(Protocol):
+    """A tensor merged in row blocks: statistics passes first, then the merge pass.
+
+    Every pass sees every row block of the tensor, in row order. Inputs that
+    :meth:`wanted` marks False for a statistics pass are passed as None (and
+    need not be read); the merge pass gets them all.
+    """
+
+    passes: int
+
+    def wanted(self, pass_no: int) -> list[bool]: ...
+
+    def observe(self, pass_no: int, base: torch.Tensor,
+                tensors: list[torch.Tensor | None]) -> None: ...
+
+    def end_pass(self, pass_no: int) -> None: ...
+
+    def merge(self, base: torch.Tensor, tensors: list[torch.Tensor]) -> torch.Tensor: ...
 
 
 def drops_base_equal_inputs(method: MergeMethod, params: dict[str, Any]) -> bool:

@@ -3,72 +3,155 @@
 Per tensor: delta_k = x_k − base, optionally sparsified with density_k;
 delta_k *= weight_k; optionally keep only entries agreeing with the majority
 sign; sum; optionally divide by the summed weights; scale by lambda; add base.
-Sparsification needs the whole delta tensor (thresholds, L1 rescale), so those
-members run at tensor scope; plain task arithmetic streams row blocks.
-Random masks come from ``ctx.generator`` so results never depend on order.
+
+Sparsification needs whole-tensor facts (a magnitude threshold, an L1 norm),
+but never the whole tensor at once: :class:`FamilyStream` gathers them in
+statistics passes over row blocks (:mod:`.select` finds thresholds exactly
+from histograms; :class:`.reduce.StreamTotal` sums norms in ``total``'s
+order), then merges block by block. Memory is a few blocks and histograms per
+input, whatever the tensor size. The whole-tensor function is the same stream
+over one block, so both give the same bytes.
+Random masks come from ``ctx.generator``, one generator per input drawn in flat
+order, so results never depend on order, blocks or threads.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import torch
 
 from mergepipe.errors import SpecError
 from mergepipe.methods.base import REQUIRED, MergeMethod, TensorContext, register
-from mergepipe.methods.reduce import total
+from mergepipe.methods.reduce import StreamTotal
+from mergepipe.methods.select import RankSelect, RankWindow, magnitude_bits, window_ranks
 
 Sparsify = Literal["magnitude", "random", "magnitude_outliers", "della_magprune"] | None
+EPS = 1e-7
 
 
-def _rescale_l1(delta: torch.Tensor, kept: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
-    """Scale kept values so the L1 norm matches the unsparsified delta."""
-    before = total(delta.abs())
-    after = total(kept.abs())
-    if before < eps or after < eps:
-        return kept
-    return kept * (before / after)
+class _Sparsifier:
+    """One input's sparsification: ``passes`` statistics passes, then :meth:`keep` per block."""
 
+    passes = 0
 
-def _magnitude(delta: torch.Tensor, density: float) -> torch.Tensor:
-    """Keep the top max(1, int(density·numel)) entries by |delta| over the whole tensor."""
-    if density >= 1:
+    def __init__(self, numel: int, rescale: bool):
+        self.rescale = rescale
+        self.before = StreamTotal(numel) if rescale else None
+        self.after = StreamTotal(numel) if rescale else None
+        self.scale: torch.Tensor | None = None
+
+    def observe(self, pass_no: int, delta: torch.Tensor) -> None:
+        pass
+
+    def end_pass(self, pass_no: int) -> None:
+        pass
+
+    def mask(self, delta: torch.Tensor) -> torch.Tensor:
         return torch.ones_like(delta)
-    if density <= 0 or delta.numel() == 0:
-        return torch.zeros_like(delta)
-    k = max(1, int(density * delta.numel()))
-    order = torch.argsort(delta.abs().reshape(-1), descending=True)
-    mask = torch.zeros(delta.numel(), dtype=delta.dtype)
-    mask[order[:k]] = 1
-    return mask.reshape_as(delta)
+
+    def _totals(self, delta: torch.Tensor, kept: torch.Tensor) -> None:
+        self.before.add(delta.abs())
+        self.after.add(kept.abs())
+
+    def _finish_totals(self) -> None:
+        """L1 rescale as mergekit: kept · (|delta|₁ / |kept|₁) unless either is tiny."""
+        before, after = self.before.result(), self.after.result()
+        if not (before < EPS or after < EPS):
+            self.scale = before / after
+
+    def keep(self, delta: torch.Tensor) -> torch.Tensor:
+        kept = delta * self.mask(delta)
+        return kept if self.scale is None else kept * self.scale
 
 
-def _magnitude_outliers(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
-    """Drop the top gamma fraction and the smallest entries so that density remains."""
-    if density >= 1:
-        return torch.ones_like(delta)
-    n = delta.numel()
-    target = int(density * n)
-    n_top = int(gamma * n)
-    n_bot = max(0, n - target - n_top)
-    order = torch.sort(delta.abs().reshape(-1), descending=False).indices
-    mask = torch.zeros(n, dtype=delta.dtype)
-    mask[order[n_bot:n_bot + target]] = 1
-    return mask.reshape_as(delta)
+class _Dense(_Sparsifier):
+    """No sparsification (density 1 too: every mask is ones and any rescale is 1)."""
+
+    def keep(self, delta: torch.Tensor) -> torch.Tensor:
+        return delta
+
+
+class _Ranked(_Sparsifier):
+    """Keep a window of stable magnitude ranks (TIES' top k, breadcrumbs' middle band)."""
+
+    def __init__(self, numel: int, rescale: bool, r0: int, r1: int, descending: bool):
+        super().__init__(numel, rescale)
+        self.numel, self.r0, self.r1, self.descending = numel, r0, r1, descending
+        self.empty = r1 <= r0
+        self.select = RankSelect(window_ranks(numel, r0, r1, descending))
+        self.window: RankWindow | None = None
+        self.passes = 0 if self.empty else 2 + rescale
+
+    def _new_window(self) -> None:
+        first, last = self.select.boundaries
+        self.window = RankWindow(self.r0, self.r1, first, last, self.numel, self.descending)
+
+    def observe(self, pass_no: int, delta: torch.Tensor) -> None:
+        bits = magnitude_bits(delta)
+        if pass_no < 2:
+            self.select.observe(pass_no, bits)
+        else:
+            self._totals(delta, delta * self.mask(delta))
+
+    def end_pass(self, pass_no: int) -> None:
+        if pass_no < 2:
+            self.select.end_pass(pass_no)
+        else:
+            self._finish_totals()
+        if pass_no >= 1:
+            self._new_window()   # the window counts ties as it goes: one per pass
+
+    def mask(self, delta: torch.Tensor) -> torch.Tensor:
+        if self.empty:
+            return torch.zeros_like(delta)
+        return self.window.mask(magnitude_bits(delta)).reshape(delta.shape).to(delta.dtype)
+
+
+class _Random(_Sparsifier):
+    """DARE's Bernoulli(density) mask, or DELLA's rank-ramped one, from a seeded generator.
+
+    With rescale, one pass draws the masks to learn the L1 norms; the merge
+    pass draws them again from a fresh generator of the same seed.
+    """
+
+    def __init__(self, numel: int, rescale: bool,
+                 new_gen: Callable[[torch.device], torch.Generator],
+                 density: float, epsilon: float | None):
+        super().__init__(numel, rescale)
+        self.new_gen, self.density, self.epsilon = new_gen, density, epsilon
+        self.gen: torch.Generator | None = None
+        self.passes = int(rescale)
+
+    def observe(self, pass_no: int, delta: torch.Tensor) -> None:
+        self._totals(delta, delta * self.mask(delta))
+
+    def end_pass(self, pass_no: int) -> None:
+        self._finish_totals()
+        self.gen = None
+
+    def mask(self, delta: torch.Tensor) -> torch.Tensor:
+        if self.gen is None:
+            self.gen = self.new_gen(delta.device)
+        if self.epsilon is None:
+            return _bernoulli(delta, self.density, self.gen)
+        return _della(delta, self.density, self.epsilon, self.gen)
 
 
 def _bernoulli(delta: torch.Tensor, density: float, gen: torch.Generator) -> torch.Tensor:
-    if density >= 1:
-        return torch.ones_like(delta)
+    """Draws one number per entry in flat order, so row blocks in turn draw as the whole."""
     probs = torch.full_like(delta, density)
     return torch.bernoulli(probs, generator=gen)
 
 
 def _della(delta: torch.Tensor, density: float, epsilon: float,
            gen: torch.Generator) -> torch.Tensor:
-    """Per-row keep probability ramped by magnitude rank in [density−ε, density+ε]."""
-    if density >= 1:
-        return torch.ones_like(delta)
+    """Per-row keep probability ramped by magnitude rank in [density−ε, density+ε].
+
+    Ranks are within a row (the last dimensions), so a block of whole rows
+    needs nothing from the others.
+    """
     if density <= 0:
         return torch.zeros_like(delta)
     if density + epsilon >= 1 or density - epsilon <= 0:
@@ -82,29 +165,50 @@ def _della(delta: torch.Tensor, density: float, epsilon: float,
     return torch.bernoulli(probs, generator=gen).reshape(delta.shape)
 
 
-@dataclass(frozen=True)
-class TaskArithmeticFamily:
-    sparsify: Sparsify
-    consensus: bool
+class FamilyStream:
+    """One tensor's merge as statistics passes over row blocks, then a merge pass.
 
-    def __call__(self, ctx: TensorContext, base: torch.Tensor | None,
-                 tensors: list[torch.Tensor], params: dict[str, Any]) -> torch.Tensor:
-        assert base is not None
+    The engine feeds :meth:`observe` every row block in order for each of
+    ``passes`` passes (inputs not :meth:`wanted` in a pass may be None), calls
+    :meth:`end_pass` after each, then :meth:`merge` on every block in order.
+    """
+
+    def __init__(self, family: "TaskArithmeticFamily", ctx: TensorContext,
+                 params: dict[str, Any], n_inputs: int):
+        self.family, self.params = family, params
+        numel = 1
+        for d in ctx.shape:
+            numel *= d
+        self.inputs = [family.sparsifier(ctx, k, numel, params) for k in range(n_inputs)]
+        self.passes = max((s.passes for s in self.inputs), default=0)
+
+    def wanted(self, pass_no: int) -> list[bool]:
+        return [pass_no < s.passes for s in self.inputs]
+
+    def observe(self, pass_no: int, base: torch.Tensor, tensors: list[torch.Tensor | None]) -> None:
+        for s, x in zip(self.inputs, tensors):
+            if pass_no < s.passes:
+                s.observe(pass_no, x - base)
+
+    def end_pass(self, pass_no: int) -> None:
+        for s in self.inputs:
+            if pass_no < s.passes:
+                s.end_pass(pass_no)
+
+    def merge(self, base: torch.Tensor, tensors: list[torch.Tensor]) -> torch.Tensor:
         if not tensors:
             return base.clone()
+        params = self.params
         weights = [float(w) for w in params["weight"]]
         deltas = torch.empty((len(tensors), *base.shape), dtype=base.dtype, device=base.device)
         for k, x in enumerate(tensors):  # one input's temporaries at a time
             delta = torch.sub(x, base, out=deltas[k])
-            if self.sparsify is not None:
-                kept = delta * self._mask(ctx, k, delta, params)
-                if params["rescale"]:
-                    kept = _rescale_l1(delta, kept)
-                deltas[k] = kept
+            if self.family.sparsify is not None:
+                deltas[k] = self.inputs[k].keep(delta)
         w = torch.tensor(weights, dtype=base.dtype, device=base.device)
         w = w.reshape(-1, *([1] * base.dim()))
         deltas.mul_(w)
-        if self.consensus:
+        if self.family.consensus:
             majority = (deltas.sum(dim=0) >= 0).to(base.dtype) * 2 - 1
             mask = deltas.sign() == majority
             divisor = (w * mask).sum(dim=0)
@@ -122,17 +226,46 @@ class TaskArithmeticFamily:
             mixed = mixed * lam
         return base + mixed
 
-    def _mask(self, ctx: TensorContext, k: int, delta: torch.Tensor,
-              params: dict[str, Any]) -> torch.Tensor:
-        density = float(params["density"][k])
+
+@dataclass(frozen=True)
+class TaskArithmeticFamily:
+    sparsify: Sparsify
+    consensus: bool
+
+    def __call__(self, ctx: TensorContext, base: torch.Tensor | None,
+                 tensors: list[torch.Tensor], params: dict[str, Any]) -> torch.Tensor:
+        """The whole tensor as one block of the stream."""
+        assert base is not None
+        stream = self.stream(dataclasses.replace(ctx, shape=tuple(base.shape)), params,
+                             len(tensors))
+        for p in range(stream.passes):
+            stream.observe(p, base, tensors)
+            stream.end_pass(p)
+        return stream.merge(base, tensors)
+
+    def stream(self, ctx: TensorContext, params: dict[str, Any], n_inputs: int) -> FamilyStream:
+        return FamilyStream(self, ctx, params, n_inputs)
+
+    def sparsifier(self, ctx: TensorContext, k: int, numel: int,
+                   params: dict[str, Any]) -> _Sparsifier:
+        rescale = bool(params["rescale"])
+        density = float(params["density"][k]) if "density" in params else 1.0
+        if self.sparsify is None or density >= 1:
+            return _Dense(numel, False)
         if self.sparsify == "magnitude":
-            return _magnitude(delta, density)
+            if density <= 0 or numel == 0:
+                return _Ranked(numel, rescale, 0, 0, True)
+            return _Ranked(numel, rescale, 0, max(1, int(density * numel)), True)
         if self.sparsify == "magnitude_outliers":
-            return _magnitude_outliers(delta, density, float(params["gamma"][k]))
-        gen = ctx.generator(k, delta.device)
-        if self.sparsify == "random":
-            return _bernoulli(delta, density, gen)
-        return _della(delta, density, float(params["epsilon"][k]), gen)
+            target = int(density * numel)
+            n_top = int(float(params["gamma"][k]) * numel)
+            n_bot = max(0, numel - target - n_top)
+            return _Ranked(numel, rescale, n_bot, n_bot + target, False)
+
+        def new_gen(device: torch.device) -> torch.Generator:
+            return ctx.generator(k, device)
+        eps = float(params["epsilon"][k]) if self.sparsify == "della_magprune" else None
+        return _Random(numel, rescale, new_gen, density, eps)
 
 
 def _check_epsilon(params: dict[str, Any], keys: list[str]) -> None:
@@ -151,8 +284,9 @@ def _family(name: str, sparsify: Sparsify, consensus: bool, normalize: bool, res
     if sparsify == "della_magprune":
         model_params["epsilon"] = 0.15
     linear_in_delta = sparsify is None and not consensus
+    fn = TaskArithmeticFamily(sparsify, consensus)
     return register(MergeMethod(
-        name=name, fn=TaskArithmeticFamily(sparsify, consensus),
+        name=name, fn=fn, stream=fn.stream if sparsify is not None or consensus else None,
         model_params=model_params,
         global_params={"normalize": normalize, "rescale": rescale, "lambda": 1.0,
                        "int8_mask": False},

@@ -1,0 +1,158 @@
+"""Sparsifying methods streamed in row blocks give the whole-tensor bytes.
+
+The selection (:mod:`mergepipe.methods.select`) must pick exactly the entries a
+stable sort would, ties included; the streamed L1 norm must have ``total``'s
+bits; and the engine, cutting tensors into small row blocks, must write the
+bytes the one-block (whole-tensor) computation writes.
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+import torch
+
+from mergepipe.methods.reduce import CHUNK, GRAIN, StreamTotal, total
+from mergepipe.methods.select import RankSelect, RankWindow, magnitude_bits, window_ranks
+from tests.conftest import make_llama
+
+
+def _pieces(n: int, g: torch.Generator) -> list[tuple[int, int]]:
+    """Random consecutive cuts of range(n), some of them empty."""
+    cuts = sorted({0, n, *torch.randint(0, n + 1, (5,), generator=g).tolist()})
+    return list(zip(cuts, cuts[1:]))
+
+
+def _window_mask(x: torch.Tensor, r0: int, r1: int, descending: bool,
+                 pieces: list[tuple[int, int]]) -> torch.Tensor:
+    """The streaming selection, fed piece by piece as the engine feeds row blocks."""
+    select = RankSelect(window_ranks(x.numel(), r0, r1, descending))
+    for p in range(2):
+        for a, b in pieces:
+            select.observe(p, magnitude_bits(x[a:b]))
+        select.end_pass(p)
+    first, last = select.boundaries
+    window = RankWindow(r0, r1, first, last, x.numel(), descending)
+    return torch.cat([window.mask(magnitude_bits(x[a:b])) for a, b in pieces])
+
+
+def _stable_mask(x: torch.Tensor, r0: int, r1: int, descending: bool) -> torch.Tensor:
+    order = torch.sort(x.abs(), descending=descending, stable=True).indices
+    mask = torch.zeros(x.numel(), dtype=torch.bool)
+    mask[order[r0:r1]] = True
+    return mask
+
+
+@pytest.mark.parametrize("n", [1, 7, 1000, 50_000])
+def test_rank_window_keeps_what_a_stable_sort_keeps(n):
+    g = torch.Generator().manual_seed(n)
+    # few distinct magnitudes, both signs, zeros and -0.0: ties everywhere
+    x = torch.randint(-6, 7, (n,), generator=g).float() * 0.25
+    x[torch.randint(0, n, (n // 10,), generator=g)] = -0.0
+    x[: n // 3] += torch.randn(n // 3, generator=g) * 1e-3   # and some distinct values
+    windows = {(0, 1), (0, n), (0, max(1, n // 3)), (n // 5, n // 2), (n - 1, n),
+               (n // 2, n // 2 + 1)}
+    for r0, r1 in [(r0, r1) for r0, r1 in windows if r0 < r1]:   # empty ones never select
+        for descending in (True, False):
+            got = _window_mask(x, r0, r1, descending, _pieces(n, g))
+            want = _stable_mask(x, r0, r1, descending)
+            assert torch.equal(got, want), (n, r0, r1, descending)
+            assert int(got.sum()) == r1 - r0
+
+
+@pytest.mark.parametrize("n", [0, 5, GRAIN - 1, GRAIN, GRAIN + 5, 5 * CHUNK, 7 * CHUNK + 3,
+                               40 * CHUNK + 17])
+def test_stream_total_has_the_bits_of_total(n):
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(n, generator=g).abs() * 1e3
+    acc = StreamTotal(n)
+    for a, b in _pieces(n, g):
+        acc.add(x[a:b])
+    assert torch.equal(acc.result(), total(x))
+
+
+@pytest.fixture(scope="module")
+def bf16_family(tmp_path_factory) -> dict[str, Path]:
+    """bf16 checkpoints, whose deltas repeat values: ties at every threshold."""
+    root = tmp_path_factory.mktemp("streamed")
+    kw = dict(layers=1, hidden=64, vocab=96, dtype=torch.bfloat16)
+    base = make_llama(root / "base", 40, **kw)
+    return {"base": base, **{f"x{k}": make_llama(root / f"x{k}", 40 + k, base=base, **kw)
+                             for k in (1, 2, 3)}}
+
+
+def _spec(method: str, family: dict[str, Path], params: dict | None = None, **extra) -> dict:
+    return {"merge_method": method, "base_model": str(family["base"]), "dtype": "float32",
+            "models": [{"model": str(family[f"x{k}"]),
+                        "parameters": {"weight": w, "density": d, **extra}}
+                       for k, w, d in ((1, 0.7, 0.3), (2, 0.5, 0.55), (3, 1.0, 0.9))],
+            "parameters": params or {}}
+
+
+SPECS = {
+    "ties": ("ties", {}, {}),
+    "ties_rescaled": ("ties", {"rescale": True, "normalize": False}, {}),
+    "breadcrumbs": ("breadcrumbs", {}, {"gamma": 0.05}),
+    "breadcrumbs_ties_rescaled": ("breadcrumbs_ties", {"rescale": True}, {"gamma": 0.2}),
+    "dare_ties": ("dare_ties", {}, {}),
+    "dare_linear": ("dare_linear", {"rescale": False}, {}),
+    "della": ("della", {"lambda": 0.8}, {"epsilon": 0.05}),
+    "della_linear": ("della_linear", {}, {"epsilon": 0.08}),
+}
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256((path / "model.safetensors").read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("name", sorted(SPECS))
+def test_small_row_blocks_write_the_whole_tensor_bytes(name, bf16_family, tmp_path):
+    from mergepipe import api
+
+    method, params, extra = SPECS[name]
+    with api.open_catalog(tmp_path / "ws") as cat:
+        plan = api.build_plan(cat, _spec(method, bf16_family, params, **extra), seed=3,
+                              store=False)
+    whole = api.execute_plan(plan, tmp_path / "whole")   # every tensor is one block
+    rows = api.execute_plan(plan, tmp_path / "rows", block_bytes=3 * 256)  # ~3 rows a block
+    assert _sha(tmp_path / "whole") == _sha(tmp_path / "rows")
+    # statistics passes read again, but bytes_read counts each planned byte once
+    assert rows.bytes_read == whole.bytes_read
+    assert rows.bytes_read_experts == sum(s.nbytes for t in plan.tasks for s in t.inputs)
+    # magnitude ranks need statistics passes; random masks only for their L1 rescale
+    needs_stats = not method.startswith(("dare", "della")) or params.get("rescale", True)
+    assert (rows.phases["reread_bytes"] > 0) == needs_stats
+    assert set(rows.phases) >= {"read", "decode", "stats", "math", "encode", "write", "hash",
+                                "fsync", "threads", "cores"}
+
+
+def test_apply_records_the_phases_with_the_run(bf16_family, tmp_path):
+    """The per-phase seconds reach apply's result and the output's manifest."""
+    import json
+
+    from mergepipe import api
+    from mergepipe.engine.transaction import MANIFEST
+
+    with api.open_catalog(tmp_path / "ws") as cat:
+        plan = api.build_plan(cat, _spec("ties", bf16_family))
+        res = api.apply_plan(cat, plan, tmp_path / "out", block_bytes=3 * 256)
+    manifest = json.loads((tmp_path / "out" / MANIFEST).read_text())
+    assert manifest["phases"] == res.phases
+    assert res.phases["reread_bytes"] > 0 and res.phases["threads"] >= 1
+    assert res.phases["math"] > 0 and res.phases["read"] > 0
+
+
+def test_threads_follow_the_idle_cores_and_are_put_back(bf16_family, tmp_path):
+    from mergepipe import api
+    from mergepipe.engine.execute import usable_cores
+
+    before = torch.get_num_threads()
+    with api.open_catalog(tmp_path / "ws") as cat:
+        plan = api.build_plan(cat, _spec("ties", bf16_family), store=False)
+    auto = api.execute_plan(plan, tmp_path / "auto")
+    one = api.execute_plan(plan, tmp_path / "one", threads=1)
+    assert torch.get_num_threads() == before
+    assert 1 <= auto.phases["threads"] <= usable_cores() == auto.phases["cores"]
+    assert one.phases["threads"] == 1
+    assert _sha(tmp_path / "auto") == _sha(tmp_path / "one")
