@@ -56,7 +56,8 @@ def run_cmd(ws, config: str, as_json: bool, keep_all: bool) -> None:
     with ws.open() as cat:
         sid = store.create_search(cat, cfg.algorithm, cfg.to_json())
         click.echo(sid if not as_json else f"search {sid} started", err=as_json)
-        summary = SearchRun(cat, sid, workspace_home(ws), progress=stderr_progress()).run()
+        summary = SearchRun(cat, sid, workspace_home(ws), progress=stderr_progress(),
+                            lines=not stderr_progress()).run()
     _final(summary, as_json)
 
 
@@ -68,7 +69,8 @@ def resume_cmd(ws, search_id: str, as_json: bool) -> None:
     """Continue an interrupted search: finished trials are kept, in-flight ones re-run."""
     from mergepipe.search.coordinator import resume_search
     with ws.open() as cat:
-        summary = resume_search(cat, search_id, workspace_home(ws), progress=stderr_progress())
+        summary = resume_search(cat, search_id, workspace_home(ws), progress=stderr_progress(),
+                                lines=not stderr_progress())
     _final(summary, as_json)
 
 

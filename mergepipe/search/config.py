@@ -1,7 +1,7 @@
 """The search config (YAML), validated once so every later failure is about the search."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,6 @@ class SearchConfig:
     stretch_alpha: float | None = None  # heavy-tailed evaluation-time emulation (Pareto α)
     out_dir: str | None = None
     keep_all: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.algorithm not in ALGORITHMS:
@@ -55,12 +54,19 @@ class SearchConfig:
         """Build from a mapping; relative paths are taken relative to ``root``."""
         if not isinstance(data, dict):
             raise MergePipeError("a search config must be a mapping")
-        known = {f.name for f in fields(cls)} - {"extra"}
+        known = {f.name for f in fields(cls)}
+        if data.get("extra") == {}:  # configs stored by earlier versions carry an empty `extra`
+            data = {k: v for k, v in data.items() if k != "extra"}
+        unknown = sorted(str(k) for k in data if k not in known)
+        if unknown:  # a typo must not silently fall back to a default
+            raise MergePipeError(f"unknown search config key {unknown[0]!r}"
+                                 + (f" (and {', '.join(map(repr, unknown[1:]))})"
+                                    if len(unknown) > 1 else "")
+                                 + f"; known keys: {', '.join(sorted(known))}")
         missing = [k for k in ("base", "reasoning", "tasks") if k not in data]
         if missing:
             raise MergePipeError(f"search config is missing {', '.join(missing)}")
-        args = {k: v for k, v in data.items() if k in known}
-        extra = {k: v for k, v in data.items() if k not in known}
+        args = dict(data)
         tasks = args["tasks"]
         args["tasks"] = [tasks] if isinstance(tasks, str) else list(tasks)
         if root is not None:
@@ -74,7 +80,7 @@ class SearchConfig:
                 cand = root / str(args[key])
                 if not Path(str(args[key])).is_absolute() and cand.exists():
                     args[key] = str(cand.resolve())
-        return cls(**args, extra=extra)
+        return cls(**args)
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "SearchConfig":

@@ -53,7 +53,7 @@ class SearchRun:
     """One coordinator session of a search (a fresh start or a resume)."""
 
     def __init__(self, cat: Catalog, search_id: str, home: Path, progress: bool = False,
-                 keep_all: bool | None = None,
+                 keep_all: bool | None = None, lines: bool = False,
                  pool_factory: Callable[[int, str], WorkerPool] = LocalPool):
         self.cat = cat
         row = store.get_search(cat, search_id)
@@ -63,9 +63,11 @@ class SearchRun:
         self.keep_all = self.cfg.keep_all if keep_all is None else keep_all
         self.root = search_root(home, self.sid, self.cfg)
         self.progress = progress
+        self.lines = lines        # one plain line per finished trial (no terminal for a bar)
         self.pool_factory = pool_factory
         self.inflight: dict[int, InFlight] = {}
         self.collected: set[int] = set()
+        self.failed: set[int] = set()   # trials that failed in this session
 
     # -- setup ------------------------------------------------------------
     def _session(self, rows: list[dict[str, Any]]) -> str:
@@ -147,9 +149,20 @@ class SearchRun:
                     self._record(result)
                     bar.update(1)
                     bar.set_postfix(hv=f"{hypervolume(self.Y):.4f}")
+                    if self.lines:
+                        print(self._progress_line(result), file=sys.stderr, flush=True)
                 self._snapshot()
         finally:
             bar.close()
+
+    def _progress_line(self, r: TrialResult) -> str:
+        """What a log file gets per finished trial: outcome, objectives, front so far."""
+        f_acc, f_cost = self.Y[-1]
+        head = f"search {self.sid[:8]} trial {r.trial} ({len(self.Y)}/{self.cfg.n_total})"
+        if r.trial in self.failed:
+            return f"{head} failed on {r.worker} after {r.busy_s:.1f}s"
+        return (f"{head} done on {r.worker} in {r.busy_s:.1f}s: f_acc {f_acc:.4f} "
+                f"f_cost {f_cost:.4f}, hypervolume {hypervolume(self.Y):.4f}")
 
     def _propose(self, n: int, trial: int) -> list[list[float]]:
         pending = [inf.x for inf in self.inflight.values()]
@@ -189,13 +202,13 @@ class SearchRun:
     def _record(self, r: TrialResult) -> None:
         inf = self.inflight.pop(r.trial)
         error = r.error
+        model_id = inf.model_id
         if r.ok:
             try:
-                model_id = inf.model_id
                 if inf.ticket is not None:
                     res = api.finish_run(self.cat, inf.plan, inf.ticket, r.value["report"],
                                          name=f"search-{self.sid[:8]}-t{r.trial:03d}")
-                    model_id = res.model_id
+                    inf.ticket, model_id = None, res.model_id  # committed: never undone
                 metrics = r.value["metrics"]
                 f = self.anchors.objectives(metrics)
                 k = len(metrics)
@@ -217,10 +230,13 @@ class SearchRun:
                 return
             except Exception as exc:  # commit or scoring failed: the trial fails, search goes on
                 error = f"{type(exc).__name__}: {exc}"
-        if inf.ticket is not None:
+        if inf.ticket is not None:  # only a run that never committed is rolled back
             api.abort_run(self.cat, inf.ticket)
+        # a model committed before the failure stays, with its lineage, and the trial names it
         store.finish_trial(self.cat, self.sid, r.trial, ok=False, objectives=REF_POINT,
-                           started=r.started, finished=r.finished, error=(error or "")[:4000])
+                           started=r.started, finished=r.finished, model_id=model_id,
+                           error=(error or "")[:4000])
+        self.failed.add(r.trial)
         self.X.append(inf.x)
         self.Y.append(list(REF_POINT))
 
@@ -235,7 +251,9 @@ class SearchRun:
         done = [r for r in rows if r["status"] == "DONE"]
         if not done:
             return
-        mask = pareto_mask([[r["f_acc"], r["f_cost"]] for r in done]).tolist()
+        sources = [list(p) for p in self.anchors.source_points()]
+        points = sources + [[r["f_acc"], r["f_cost"]] for r in done]
+        mask = pareto_mask(points).tolist()[len(sources):]
         for r, on_front in zip(done, mask):
             out = self.root / f"t{r['trial']:04d}"
             if not on_front and r["trial"] not in self.collected:

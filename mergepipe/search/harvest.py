@@ -12,7 +12,7 @@ from mergepipe.catalog import schema
 from mergepipe.catalog.store import Catalog
 from mergepipe.search import store
 from mergepipe.search.plots import hypervolume_plot, pareto_plot, series_from_trials
-from mergepipe.search.report import finished_points, pareto_trials
+from mergepipe.search.report import finished_points, pareto_trials, source_points
 
 
 def _lineage(cat: Catalog, model_id: str) -> list[dict[str, Any]]:
@@ -35,7 +35,7 @@ def front_models(cat: Catalog, search_id: str, materialize: bool = False) -> lis
     """One row per Pareto-optimal trial: its model, lineage, evaluations and whereabouts."""
     s = store.get_search(cat, search_id)
     out = []
-    for t in pareto_trials(store.trials(cat, s["search_id"])):
+    for t in pareto_trials(store.trials(cat, s["search_id"]), source_points(s)):
         model = cat.model_by_id(t["model_id"]) if t["model_id"] else None
         path = Path(model["path"]) if model else None
         if materialize and model is not None and not (path and path.exists()):
@@ -62,8 +62,9 @@ def write_plots(cat: Catalog, search_id: str, pareto_png: str | None,
     pts = finished_points(rows)
     title = f"{s['algorithm']} · search {s['search_id'][:8]} · {len(pts)} trials"
     if pareto_png:
-        front = [[t["f_acc"], t["f_cost"]] for t in pareto_trials(rows)]
+        on_front = pareto_trials(rows, source_points(s))
+        front = [[t["f_acc"], t["f_cost"]] for t in on_front]
         pareto_plot([[r["f_acc"], r["f_cost"]] for r in pts], front, pareto_png, title,
-                    labels=[f"t{t['trial']}" for t in pareto_trials(rows)])
+                    labels=[f"t{t['trial']}" for t in on_front])
     if hv_png:
         hypervolume_plot({s["algorithm"]: series_from_trials(pts)}, hv_png, title)
