@@ -48,7 +48,8 @@ def test_search_records_trials_prior_and_botorch_hypervolume(cli, tmp_path, worl
     res = cli("search", "run", str(cfg), "--json")
     final = json.loads(res.stdout.strip().splitlines()[-1])
     assert set(final) >= {"search_id", "trials", "hypervolume", "utilisation"}
-    logged = [l for l in res.stderr.splitlines() if l.startswith(f"search {final['search_id'][:8]}")]
+    logged = [l for l in res.stderr.splitlines()
+              if l.startswith(f"search {final['search_id'][:8]} trial ")]
     assert len(logged) == 5 and all(" done on " in l and "hypervolume" in l for l in logged)
     assert final["trials"] == 5 and 0 < final["utilisation"] <= 1
     sid = final["search_id"]

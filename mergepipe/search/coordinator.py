@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 import sys
-import warnings
+import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,12 +25,13 @@ from mergepipe import api
 from mergepipe.catalog.store import Catalog, now
 from mergepipe.engine.transaction import committed_result
 from mergepipe.search import store
-from mergepipe.search.algorithms import Algorithm, History, make_algorithm
+from mergepipe.search.algorithms import Algorithm, make_algorithm
 from mergepipe.search.anchors import ensure_anchors, task_refs
 from mergepipe.search.config import SearchConfig
 from mergepipe.search.jobs import EvaluateJob, MergeEvaluateJob, stretch_factor
 from mergepipe.search.objectives import REF_POINT, Anchors, hypervolume, pareto_mask
 from mergepipe.search.prior_build import ensure_prior
+from mergepipe.search.proposer import Proposer, propose_points
 from mergepipe.search.report import session_of, summarise
 from mergepipe.search.space import LayerSpace
 from mergepipe.search.workers import LocalPool, TrialResult, WorkerPool
@@ -68,6 +69,7 @@ class SearchRun:
         self.inflight: dict[int, InFlight] = {}
         self.collected: set[int] = set()
         self.failed: set[int] = set()   # trials that failed in this session
+        self._snapshot_at = 0.0
 
     # -- setup ------------------------------------------------------------
     def _session(self, rows: list[dict[str, Any]]) -> str:
@@ -116,43 +118,72 @@ class SearchRun:
         return summary
 
     def _loop(self, pool: WorkerPool) -> None:
+        """Hand out work first, record afterwards, and let the proposer run beside both."""
         rows = store.trials(self.cat, self.sid)
         requeue = deque((r["trial"], r["x"]) for r in store.interrupted_trials(self.cat, self.sid))
         finished = [r for r in rows if r["status"] in store.FINISHED]
-        next_trial = max([r["trial"] for r in rows], default=-1) + 1
+        self.next_trial = max([r["trial"] for r in rows], default=-1) + 1
         self.X = [r["x"] for r in finished]
         self.Y = [[r["f_acc"], r["f_cost"]] for r in finished]
         bar = tqdm(total=self.cfg.n_total, initial=len(finished), file=sys.stderr,
                    disable=not self.progress, desc=f"search {self.sid[:8]}", unit="trial")
         self._collect_garbage(rows)
+        proposer = None if self.alg.synchronous else Proposer(self.alg)
+        ready: list[list[float]] = []     # the newest batch, not yet handed out
+        asked = -1                        # history size the newest batch was requested on
+        unrecorded: list[TrialResult] = []   # finished, still in self.inflight until recorded
         try:
             while True:
                 free = pool.free()
                 while free and requeue:
                     trial, x = requeue.popleft()
                     self._dispatch(pool, trial, x, free.pop(0))
-                while free and next_trial < self.cfg.n_total:
-                    x = self.alg.fixed_point(next_trial)
+                while free and self.next_trial < self.cfg.n_total:
+                    x = self.alg.fixed_point(self.next_trial)
                     if x is None:
                         break
-                    self._dispatch(pool, next_trial, x, free.pop(0))
-                    next_trial += 1
-                may_propose = not self.alg.synchronous or not self.inflight
-                if free and next_trial < self.cfg.n_total and may_propose:
-                    n = min(len(free), self.cfg.n_total - next_trial)
-                    for x in self._propose(n, next_trial):
-                        self._dispatch(pool, next_trial, x, free.pop(0))
-                        next_trial += 1
-                if not self.inflight:
-                    break
-                for result in pool.wait(timeout=None):
-                    self._record(result)
+                    self._dispatch(pool, self.next_trial, x, free.pop(0))
+                    self.next_trial += 1
+                if proposer is not None:
+                    batch = proposer.take()
+                    if batch is not None:
+                        ready = batch[1]          # fresher than what is left of the last one
+                    while free and ready and self.next_trial < self.cfg.n_total:
+                        self._dispatch(pool, self.next_trial, ready.pop(0), free.pop(0))
+                        self.next_trial += 1
+                elif free and self.next_trial < self.cfg.n_total and not self.inflight:
+                    n = min(len(free), self.cfg.n_total - self.next_trial)  # synchronous batch
+                    for x in self._propose(n):
+                        self._dispatch(pool, self.next_trial, x, free.pop(0))
+                        self.next_trial += 1
+                for r in unrecorded:              # the freed workers already have new work
+                    self._record(r, self.inflight.pop(r.trial))
                     bar.update(1)
                     bar.set_postfix(hv=f"{hypervolume(self.Y):.4f}")
                     if self.lines:
-                        print(self._progress_line(result), file=sys.stderr, flush=True)
-                self._snapshot()
+                        print(self._progress_line(r), file=sys.stderr, flush=True)
+                if unrecorded:
+                    self._snapshot()
+                unrecorded = []
+                more = self.next_trial < self.cfg.n_total
+                if proposer is not None and more and not proposer.busy and \
+                        (len(self.Y) != asked or not ready):
+                    asked = len(self.Y)
+                    proposer.request(self.X, self.Y, [i.x for i in self.inflight.values()] + ready,
+                                     min(pool.size, self.cfg.n_total - self.next_trial),
+                                     self.next_trial, asked)
+                if not self.inflight:
+                    if not more:
+                        break
+                    if proposer is not None:      # nothing runs: only the proposer can help
+                        batch = proposer.take(block=True)
+                        ready = batch[1] if batch else ready
+                    continue
+                waiting_on_proposer = proposer is not None and proposer.busy and pool.free()
+                unrecorded = pool.wait(timeout=0.05 if waiting_on_proposer else None)
         finally:
+            if proposer is not None:
+                proposer.close()
             bar.close()
 
     def _progress_line(self, r: TrialResult) -> str:
@@ -164,18 +195,9 @@ class SearchRun:
         return (f"{head} done on {r.worker} in {r.busy_s:.1f}s: f_acc {f_acc:.4f} "
                 f"f_cost {f_cost:.4f}, hypervolume {hypervolume(self.Y):.4f}")
 
-    def _propose(self, n: int, trial: int) -> list[list[float]]:
-        pending = [inf.x for inf in self.inflight.values()]
-        hist = History(torch.tensor(self.X, dtype=torch.double).reshape(-1, self.alg.dim),
-                       torch.tensor(self.Y, dtype=torch.double).reshape(-1, 2),
-                       torch.tensor(pending, dtype=torch.double).reshape(-1, self.alg.dim))
-        if hist.X.shape[0] < 2:  # nothing to model yet: continue the shared design
-            return [self.alg.design()[trial + i].tolist() for i in range(n)]
-        try:
-            return self.alg.propose(hist, n)[:n]
-        except Exception as exc:  # a numerical failure must not end the search
-            warnings.warn(f"proposal failed ({exc}); falling back to quasi-random points")
-            return self.alg.fill([], hist, n)
+    def _propose(self, n: int) -> list[list[float]]:
+        return propose_points(self.alg, self.X, self.Y, [i.x for i in self.inflight.values()],
+                              n, self.next_trial)
 
     # -- one trial --------------------------------------------------------
     def _dispatch(self, pool: WorkerPool, trial: int, x: list[float], worker: str) -> None:
@@ -199,8 +221,7 @@ class SearchRun:
         self.inflight[trial] = inf
         pool.submit(worker, trial, job)
 
-    def _record(self, r: TrialResult) -> None:
-        inf = self.inflight.pop(r.trial)
+    def _record(self, r: TrialResult, inf: InFlight) -> None:
         error = r.error
         model_id = inf.model_id
         if r.ok:
@@ -241,8 +262,14 @@ class SearchRun:
         self.Y.append(list(REF_POINT))
 
     def _snapshot(self) -> None:
-        """Status for readers while this process holds the catalog (DuckDB admits one)."""
-        write_snapshot(self.root, summarise(self.cat, self.sid))
+        """Status for readers while this process holds the catalog (DuckDB admits one).
+
+        At most twice a second: it is for people and `search status`, and run()
+        writes the final one.
+        """
+        if time.time() - self._snapshot_at >= SNAPSHOT_EVERY_S:
+            write_snapshot(self.root, summarise(self.cat, self.sid))
+            self._snapshot_at = time.time()
 
     def _collect_garbage(self, rows: list[dict[str, Any]]) -> None:
         """Delete merged checkpoints that are off the Pareto front (unless keep_all)."""
@@ -262,6 +289,7 @@ class SearchRun:
 
 
 SNAPSHOT = "status.json"
+SNAPSHOT_EVERY_S = 0.5
 
 
 def write_snapshot(root: Path, summary: dict[str, Any]) -> None:
