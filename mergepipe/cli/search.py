@@ -123,7 +123,7 @@ def pareto_cmd(ws, search_id: str, plot: str | None, hv_plot: str | None, materi
     """The Pareto set as named models, with lineage and evaluations."""
     from mergepipe.search.harvest import front_models, write_plots
     with ws.open() as cat:
-        rows = front_models(cat, search_id, materialize=materialize)
+        rows = front_models(cat, search_id, materialize=materialize, home=workspace_home(ws))
         if plot or hv_plot:
             write_plots(cat, search_id, plot, hv_plot)
     if as_json:

@@ -8,7 +8,10 @@ from typing import Any
 import yaml
 
 from mergepipe.errors import MergePipeError
+from mergepipe.evaluate.backend import BACKENDS
 from mergepipe.search.algorithms import ALGORITHMS
+
+EVALUATORS = ("checkpoint", "resident")
 
 
 @dataclass
@@ -31,6 +34,8 @@ class SearchConfig:
     stretch_alpha: float | None = None  # heavy-tailed evaluation-time emulation (Pareto α)
     out_dir: str | None = None
     keep_all: bool = False
+    evaluator: str = "checkpoint"     # checkpoint: write, then load | resident: merge in memory
+    backend: str = "transformers"     # the evaluation engine (transformers | vllm)
 
     def __post_init__(self) -> None:
         if self.algorithm not in ALGORITHMS:
@@ -40,6 +45,12 @@ class SearchConfig:
             raise MergePipeError("the search config needs at least one task (JSONL path)")
         if self.n_total < 1 or self.n_init < 0 or self.workers < 1:
             raise MergePipeError("n_total and workers must be at least 1, n_init at least 0")
+        if self.evaluator not in EVALUATORS:
+            raise MergePipeError(f"unknown evaluator {self.evaluator!r}; choose one of "
+                                 f"{', '.join(EVALUATORS)}")
+        if self.backend not in BACKENDS:
+            raise MergePipeError(f"unknown backend {self.backend!r}; choose one of "
+                                 f"{', '.join(BACKENDS)}")
         if self.group_size < 1:
             raise MergePipeError("group_size must be at least 1")
         for t in self.tasks:

@@ -33,6 +33,7 @@ from mergepipe.search.objectives import REF_POINT, Anchors, hypervolume, pareto_
 from mergepipe.search.prior_build import ensure_prior
 from mergepipe.search.proposer import Proposer, propose_points
 from mergepipe.search.report import session_of, summarise
+from mergepipe.search.resident import ResidentJob
 from mergepipe.search.space import LayerSpace
 from mergepipe.search.workers import LocalPool, TrialResult, WorkerPool
 
@@ -205,10 +206,14 @@ class SearchRun:
         plan = api.build_plan(self.cat, spec, io_budget=self.cfg.io_budget)
         out = self.root / f"t{trial:04d}"
         stretch = stretch_factor(self.cfg.seed, trial, self.cfg.stretch_alpha)
-        existing = committed_result(self.cat, plan)
-        if existing is not None and Path(existing.out) == out.resolve():
+        existing = None if self.cfg.evaluator == "resident" else committed_result(self.cat, plan)
+        if self.cfg.evaluator == "resident":   # nothing on disk: the plan id is the record
+            inf = InFlight(list(x), plan, None)
+            job: Any = ResidentJob(plan, self.base["path"], self.tasks, self.cfg.device,
+                                   self.cfg.backend, stretch)
+        elif existing is not None and Path(existing.out) == out.resolve():
             inf = InFlight(list(x), plan, None, existing.model_id)  # committed before a crash
-            job: Any = EvaluateJob(str(out), self.tasks, self.cfg.device, stretch)
+            job = EvaluateJob(str(out), self.tasks, self.cfg.device, stretch)
         else:
             if out.exists():  # an uncommitted leftover (e.g. collected garbage); start clean
                 shutil.rmtree(out)
@@ -236,7 +241,9 @@ class SearchRun:
                 # one transaction: a kill can never leave evaluations of a trial that resume
                 # would run again
                 with self.cat.transaction():
-                    for task, m in metrics.items():
+                    # a resident trial has no model until its plan is materialised: the
+                    # trial row (plan id, accuracy, mean tokens) is its record
+                    for task, m in (metrics.items() if model_id else ()):
                         self.cat.record_evaluation(model_id, task, {
                             "accuracy": m["accuracy"], "mean_tokens": m["mean_tokens"]},
                             n=m["n"], backend=m["backend"], split="test", wall_s=m["wall_s"])
