@@ -9,6 +9,7 @@ baseline differs in one place: it proposes only when nothing is in flight.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import sys
@@ -71,6 +72,7 @@ class SearchRun:
         self.collected: set[int] = set()
         self.failed: set[int] = set()   # trials that failed in this session
         self._snapshot_at = 0.0
+        self.busy_s: list[float] = []   # evaluation times seen in this session
 
     # -- setup ------------------------------------------------------------
     def _session(self, rows: list[dict[str, Any]]) -> str:
@@ -132,6 +134,7 @@ class SearchRun:
         proposer = None if self.alg.synchronous else Proposer(self.alg)
         ready: list[list[float]] = []     # the newest batch, not yet handed out
         asked = -1                        # history size the newest batch was requested on
+        promised: set[int] = set()        # ready points the batch being computed counts on
         unrecorded: list[TrialResult] = []   # finished, still in self.inflight until recorded
         try:
             while True:
@@ -147,8 +150,9 @@ class SearchRun:
                     self.next_trial += 1
                 if proposer is not None:
                     batch = proposer.take()
-                    if batch is not None:
-                        ready = batch[1]          # fresher than what is left of the last one
+                    if batch is not None:         # fresher than the rest of the last batch,
+                        ready = [x for x in ready if id(x) in promised] + batch[1]
+                        promised = set()          # but not than the points it counted on
                     while free and ready and self.next_trial < self.cfg.n_total:
                         self._dispatch(pool, self.next_trial, ready.pop(0), free.pop(0))
                         self.next_trial += 1
@@ -159,6 +163,8 @@ class SearchRun:
                         self.next_trial += 1
                 for r in unrecorded:              # the freed workers already have new work
                     self._record(r, self.inflight.pop(r.trial))
+                    if r.ok:
+                        self.busy_s.append(r.busy_s)
                     bar.update(1)
                     bar.set_postfix(hv=f"{hypervolume(self.Y):.4f}")
                     if self.lines:
@@ -169,10 +175,14 @@ class SearchRun:
                 more = self.next_trial < self.cfg.n_total
                 if proposer is not None and more and not proposer.busy and \
                         (len(self.Y) != asked or not ready):
-                    asked = len(self.Y)
-                    proposer.request(self.X, self.Y, [i.x for i in self.inflight.values()] + ready,
-                                     min(pool.size, self.cfg.n_total - self.next_trial),
-                                     self.next_trial, asked)
+                    ahead = self._lookahead(pool.size, proposer.last_s, len(ready))
+                    n = min(pool.size + ahead, self.cfg.n_total - self.next_trial - ahead)
+                    if n > 0:
+                        asked = len(self.Y)
+                        pending = [i.x for i in self.inflight.values()] + ready[:ahead]
+                        promised = {id(x) for x in ready[:ahead]}
+                        proposer.request(self.X, self.Y, pending, n, self.next_trial + ahead,
+                                         asked)
                 if not self.inflight:
                     if not more:
                         break
@@ -186,6 +196,19 @@ class SearchRun:
             if proposer is not None:
                 proposer.close()
             bar.close()
+
+    def _lookahead(self, workers: int, refit_s: float, ready: int) -> int:
+        """Ready points the workers will take while the next batch is computed.
+
+        They count as pending for that batch (they will be in flight when it
+        lands), and the batch is that much larger, so the workers do not run dry
+        when evaluations are faster than a refit.
+        """
+        if not self.busy_s or refit_s <= 0:
+            return 0
+        typical = sorted(self.busy_s)[len(self.busy_s) // 2]
+        expected = math.ceil(workers * refit_s / max(typical, 1e-3))
+        return min(ready, expected, MAX_LOOKAHEAD * workers)
 
     def _progress_line(self, r: TrialResult) -> str:
         """What a log file gets per finished trial: outcome, objectives, front so far."""
@@ -297,6 +320,7 @@ class SearchRun:
 
 SNAPSHOT = "status.json"
 SNAPSHOT_EVERY_S = 0.5
+MAX_LOOKAHEAD = 3   # batches never plan more than this many rounds of the pool ahead
 
 
 def write_snapshot(root: Path, summary: dict[str, Any]) -> None:

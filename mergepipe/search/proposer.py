@@ -11,6 +11,7 @@ does not repeat a point that was handed out while it was being computed.
 from __future__ import annotations
 
 import threading
+import time
 import warnings
 from typing import Sequence
 
@@ -44,6 +45,7 @@ class Proposer:
         self._done: tuple[int, list[list[float]]] | None = None
         self._busy = False
         self._closed = False
+        self.last_s = 0.0       # how long the last batch took (the coordinator plans ahead with it)
         self._thread = threading.Thread(target=self._run, name="mergepipe-proposer", daemon=True)
         self._thread.start()
 
@@ -82,8 +84,10 @@ class Proposer:
                     return
                 X, Y, pending, n, trial, version = self._job
                 self._job = None
+            t0 = time.perf_counter()
             points = propose_points(self.alg, X, Y, pending, n, trial)
             with self._cv:
+                self.last_s = time.perf_counter() - t0
                 self._done = (version, points)
                 self._busy = False
                 self._cv.notify_all()
