@@ -89,7 +89,8 @@ class SearchRun:
         self.space = LayerSpace(layers, cfg.group_size)
         self.tasks = task_refs(cfg)
         self.anchors: Anchors = ensure_anchors(self.cat, self.sid, self.row, self.base,
-                                               self.reasoning, self.tasks, cfg.device, pool)
+                                               self.reasoning, self.tasks, cfg.device, pool,
+                                               backend=cfg.backend)
         lengthscales = None
         if cfg.algorithm == "apbmm":
             lengthscales = ensure_prior(self.cat, self.sid, self.row, self.base, self.reasoning,
@@ -236,7 +237,7 @@ class SearchRun:
                                    self.cfg.backend, stretch)
         elif existing is not None and Path(existing.out) == out.resolve():
             inf = InFlight(list(x), plan, None, existing.model_id)  # committed before a crash
-            job = EvaluateJob(str(out), self.tasks, self.cfg.device, stretch)
+            job = EvaluateJob(str(out), self.tasks, self.cfg.device, stretch, self.cfg.backend)
         else:
             if out.exists():  # an uncommitted leftover (e.g. collected garbage); start clean
                 shutil.rmtree(out)
@@ -244,7 +245,8 @@ class SearchRun:
                                    plan_inserted=getattr(plan, "stored_now", False),
                                    device=self.cfg.device)
             inf = InFlight(list(x), plan, ticket)
-            job = MergeEvaluateJob(plan, ticket.staging, self.tasks, self.cfg.device, stretch)
+            job = MergeEvaluateJob(plan, ticket.staging, self.tasks, self.cfg.device, stretch,
+                                   self.cfg.backend)
         store.submit_trial(self.cat, self.sid, trial, x, plan.plan_id, worker)
         self.inflight[trial] = inf
         pool.submit(worker, trial, job)
