@@ -112,3 +112,16 @@ def test_configs_stored_by_earlier_versions_still_load(tmp_path):
     assert SearchConfig.from_dict({**stored, "extra": {}}).to_json() == stored
     with pytest.raises(MergePipeError, match="'extra'"):
         SearchConfig.from_dict({**stored, "extra": {"typo": 1}})
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("evaluator", "disk", "unknown evaluator 'disk'; choose one of checkpoint, resident"),
+    ("backend", "tgi", "unknown backend 'tgi'; choose one of transformers, vllm"),
+])
+def test_evaluator_and_backend_are_checked(tmp_path, key, value, message):
+    from mergepipe.search.config import SearchConfig
+    task = tmp_path / "t.jsonl"
+    task.write_text('{"prompt": "p", "answer": "1"}\n')
+    with pytest.raises(MergePipeError) as err:
+        SearchConfig.from_dict({"base": "b", "reasoning": "r", "tasks": [str(task)], key: value})
+    assert str(err.value) == message
