@@ -12,6 +12,7 @@ from mergepipe.evaluate.backend import BACKENDS
 from mergepipe.search.algorithms import ALGORITHMS
 
 EVALUATORS = ("checkpoint", "resident")
+POOLS = ("local", "ray")
 
 
 @dataclass
@@ -36,6 +37,8 @@ class SearchConfig:
     keep_all: bool = False
     evaluator: str = "checkpoint"     # checkpoint: write, then load | resident: merge in memory
     backend: str = "transformers"     # the evaluation engine (transformers | vllm)
+    pool: str = "local"               # local worker processes | ray actors
+    ray_address: str | None = None    # an existing Ray cluster (default: start a local one)
 
     def __post_init__(self) -> None:
         if self.algorithm not in ALGORITHMS:
@@ -51,6 +54,8 @@ class SearchConfig:
         if self.backend not in BACKENDS:
             raise MergePipeError(f"unknown backend {self.backend!r}; choose one of "
                                  f"{', '.join(BACKENDS)}")
+        if self.pool not in POOLS:
+            raise MergePipeError(f"unknown pool {self.pool!r}; choose one of {', '.join(POOLS)}")
         if self.group_size < 1:
             raise MergePipeError("group_size must be at least 1")
         for t in self.tasks:

@@ -57,7 +57,7 @@ class SearchRun:
 
     def __init__(self, cat: Catalog, search_id: str, home: Path, progress: bool = False,
                  keep_all: bool | None = None, lines: bool = False,
-                 pool_factory: Callable[[int, str], WorkerPool] = LocalPool):
+                 pool_factory: Callable[[int, str], WorkerPool] | None = None):
         self.cat = cat
         row = store.get_search(cat, search_id)
         self.sid = row["search_id"]
@@ -67,7 +67,7 @@ class SearchRun:
         self.root = search_root(home, self.sid, self.cfg)
         self.progress = progress
         self.lines = lines        # one plain line per finished trial (no terminal for a bar)
-        self.pool_factory = pool_factory
+        self.pool_factory = pool_factory or self._default_pool
         self.inflight: dict[int, InFlight] = {}
         self.collected: set[int] = set()
         self.failed: set[int] = set()   # trials that failed in this session
@@ -75,6 +75,12 @@ class SearchRun:
         self.busy_s: list[float] = []   # evaluation times seen in this session
 
     # -- setup ------------------------------------------------------------
+    def _default_pool(self, size: int, prefix: str) -> WorkerPool:
+        if self.cfg.pool == "ray":
+            from mergepipe.search.ray_pool import RayPool
+            return RayPool(size, prefix, self.cfg.ray_address)
+        return LocalPool(size, prefix)
+
     def _session(self, rows: list[dict[str, Any]]) -> str:
         seen = {session_of(r["worker"]) for r in rows if r["worker"]}
         return f"s{len(seen) + 1}"
