@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 import torch
-from harness import machine
+from harness import REPO, machine
 
 from family import make_family
 from mergepipe import api
@@ -89,9 +89,9 @@ def main() -> None:
     ap.add_argument("--candidates", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--world", default="default")
-    ap.add_argument("--family-root", default="bench/out/family")
+    ap.add_argument("--family-root", default=str(REPO / "bench" / "out" / "family"))
     ap.add_argument("--family-size", default="0.6b", help="bench/family.py size of the pair")
-    ap.add_argument("--out", default="bench/out")
+    ap.add_argument("--out", default=str(REPO / "bench" / "out"))
     args = ap.parse_args()
     torch.set_num_threads(1)
     from mergepipe.world.build import ensure_world
