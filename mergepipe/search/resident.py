@@ -25,32 +25,36 @@ from mergepipe.safetensors_format import torch_dtype
 
 
 class _MemoryWriter:
-    """Collects what the engine would stream into a shard, tensor by tensor."""
+    """Takes what the engine would stream into a shard, straight into one tensor per name."""
 
-    def __init__(self) -> None:
-        self.parts: dict[str, list[bytes]] = {}
+    def __init__(self, plan: Plan) -> None:
+        self.tensors = {t.name: torch.empty(t.shape, dtype=torch_dtype(t.out_dtype))
+                        for t in plan.tasks}
+        self._filled = {name: 0 for name in self.tensors}
 
     def write(self, name: str, data: Any) -> None:
-        self.parts.setdefault(name, []).append(bytes(data))
+        flat = self.tensors[name].view(-1).view(torch.uint8)
+        start = self._filled[name]
+        chunk = torch.frombuffer(data, dtype=torch.uint8) if len(data) else flat[:0]
+        flat[start:start + chunk.numel()] = chunk
+        self._filled[name] = start + chunk.numel()
 
 
 def merge_in_memory(plan: Plan, device: str = "cpu",
                     block_bytes: int = DEFAULT_BLOCK_BYTES) -> dict[str, torch.Tensor]:
     """Every output tensor of ``plan``, in its output dtype, byte-equal to `apply`'s."""
     reader = BlockReader(plan.sources)
-    writer = _MemoryWriter()
+    writer = _MemoryWriter(plan)
     try:
         for task in plan.tasks:
             _merge_task(task, plan, reader, writer, device, block_bytes)  # type: ignore[arg-type]
     finally:
         reader.close()
-    out = {}
-    for task in plan.tasks:
-        data = bytearray(b"".join(writer.parts.get(task.name, [])))
-        out[task.name] = torch.frombuffer(data, dtype=torch_dtype(task.out_dtype)) \
-            .reshape(task.shape) if data else \
-            torch.empty(task.shape, dtype=torch_dtype(task.out_dtype))
-    return out
+    short = [n for n, t in writer.tensors.items()
+             if writer._filled[n] != t.numel() * t.element_size()]
+    if short:
+        raise MergePipeError(f"the merge produced too few bytes for {short[0]}")
+    return writer.tensors
 
 
 def swap_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> int:
