@@ -103,7 +103,8 @@ def main() -> None:
         work = Path(tmp)
         results.append(measure(f"world-{args.world}", world / "base", world / "reasoning",
                                args.candidates, args.seed, work))
-        results.append(measure(f"synthetic-{args.family_size}", fam.base, fam.experts[0], args.candidates,
+        results.append(measure(f"synthetic-{args.family_size}", fam.base, fam.experts[0],
+                               args.candidates,
                                args.seed, work))
     lines = ["| pair | params | engine start s (once) | checkpoint: merge+write s | load s | "
              "resident: merge s | swap s | overhead ratio | bytes written per trial |",

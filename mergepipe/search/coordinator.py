@@ -138,7 +138,9 @@ class SearchRun:
         bar = tqdm(total=self.cfg.n_total, initial=len(finished), file=sys.stderr,
                    disable=not self.progress, desc=f"search {self.sid[:8]}", unit="trial")
         self._collect_garbage(rows)
-        proposer = None if self.alg.synchronous else Proposer(self.alg)
+        # fixed points are a prefix of the trials: past it, the algorithm must propose
+        proposes = self.alg.fixed_point(self.cfg.n_total - 1) is None
+        proposer = Proposer(self.alg) if proposes and not self.alg.synchronous else None
         ready: list[list[float]] = []     # the newest batch, not yet handed out
         asked = -1                        # history size the newest batch was requested on
         promised: set[int] = set()        # ready points the batch being computed counts on
@@ -163,8 +165,9 @@ class SearchRun:
                     while free and ready and self.next_trial < self.cfg.n_total:
                         self._dispatch(pool, self.next_trial, ready.pop(0), free.pop(0))
                         self.next_trial += 1
-                elif free and self.next_trial < self.cfg.n_total and not self.inflight:
-                    n = min(len(free), self.cfg.n_total - self.next_trial)  # synchronous batch
+                elif proposes and free and not self.inflight and \
+                        self.next_trial < self.cfg.n_total:   # a synchronous batch
+                    n = min(len(free), self.cfg.n_total - self.next_trial)
                     for x in self._propose(n):
                         self._dispatch(pool, self.next_trial, x, free.pop(0))
                         self.next_trial += 1

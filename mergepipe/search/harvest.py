@@ -63,7 +63,8 @@ def front_models(cat: Catalog, search_id: str, materialize: bool = False,
                 root = search_root(Path(home or "."), s["search_id"],
                                    SearchConfig.from_dict(s["config"]))
                 path = root / f"t{t['trial']:04d}"
-            name = model["name"] + "-m" if model else f"search-{s['search_id'][:8]}-t{t['trial']:03d}"
+            name = (model["name"] + "-m" if model
+                    else f"search-{s['search_id'][:8]}-t{t['trial']:03d}")
             res = api.apply_plan(cat, plan, path, name=name, overwrite=True)
             model = cat.model_by_id(res.model_id)
             path = Path(model["path"])

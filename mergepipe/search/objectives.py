@@ -53,7 +53,8 @@ class Anchors:
 
     def source_points(self) -> list[tuple[float, float]]:
         """Where the base and the reasoning model themselves sit (the front's two ends)."""
-        base = {t: {"accuracy": a.acc_base, "mean_tokens": a.tok_base} for t, a in self.tasks.items()}
+        base = {t: {"accuracy": a.acc_base, "mean_tokens": a.tok_base}
+                for t, a in self.tasks.items()}
         reason = {t: {"accuracy": a.acc_reason, "mean_tokens": a.tok_reason}
                   for t, a in self.tasks.items()}
         return [self.objectives(base), self.objectives(reason)]
