@@ -29,7 +29,9 @@ def _load_plan_in_worker(worker: Any, plan: Any) -> int:
     """Runs inside vLLM's worker: merge ``plan`` in memory and load it into the live model."""
     from mergepipe.search.resident import merge_in_memory
     tensors = merge_in_memory(plan)
-    worker.model_runner.model.load_weights(weights=iter(tensors.items()))
+    # in place, through vLLM's reload path: it redoes the post-load processing (on CPU
+    # the linear weights are repacked after loading, so a plain load_weights cannot)
+    worker.model_runner.reload_weights(weights_iterator=iter(tensors.items()))
     return len(tensors)
 
 
