@@ -13,7 +13,6 @@ import math
 import os
 import shutil
 import sys
-import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,7 +70,6 @@ class SearchRun:
         self.inflight: dict[int, InFlight] = {}
         self.collected: set[int] = set()
         self.failed: set[int] = set()   # trials that failed in this session
-        self._snapshot_at = 0.0
         self.busy_s: list[float] = []   # evaluation times seen in this session
 
     # -- setup ------------------------------------------------------------
@@ -303,14 +301,8 @@ class SearchRun:
         self.Y.append(list(REF_POINT))
 
     def _snapshot(self) -> None:
-        """Status for readers while this process holds the catalog (DuckDB admits one).
-
-        At most twice a second: it is for people and `search status`, and run()
-        writes the final one.
-        """
-        if time.time() - self._snapshot_at >= SNAPSHOT_EVERY_S:
-            write_snapshot(self.root, summarise(self.cat, self.sid))
-            self._snapshot_at = time.time()
+        """Status for readers while this process holds the catalog (DuckDB admits one)."""
+        write_snapshot(self.root, summarise(self.cat, self.sid))
 
     def _collect_garbage(self, rows: list[dict[str, Any]]) -> None:
         """Delete merged checkpoints that are off the Pareto front (unless keep_all)."""
@@ -330,7 +322,6 @@ class SearchRun:
 
 
 SNAPSHOT = "status.json"
-SNAPSHOT_EVERY_S = 0.5
 MAX_LOOKAHEAD = 3   # batches never plan more than this many rounds of the pool ahead
 
 
