@@ -132,8 +132,7 @@ def test_eval_command_rejects_a_bad_task_before_loading_anything(cli, tmp_path):
     bad = _write(tmp_path / "bad.jsonl", '{"prompt": "x"}\n')
     res = cli("eval", str(tmp_path / "no-model"), "--task", str(bad), ok=False)
     assert res.exit_code != 0
-    assert res.stderr.strip() == f"error: task file {bad.resolve()} line 1: missing field 'answer'" \
-        or "missing field 'answer'" in res.stderr
+    assert res.stderr == f"error: task file {bad} line 1: missing field 'answer'\n"
 
 
 def test_vllm_backend_says_how_to_install_when_missing(tmp_path):

@@ -45,8 +45,12 @@ def _prompts(path: Path) -> list[str]:
 
 def test_search_records_trials_prior_and_botorch_hypervolume(cli, tmp_path, world):
     cfg = write_config(tmp_path / "search.yml", world)
-    final = json.loads(cli("search", "run", str(cfg), "--json").stdout.strip().splitlines()[-1])
+    res = cli("search", "run", str(cfg), "--json")
+    final = json.loads(res.stdout.strip().splitlines()[-1])
     assert set(final) >= {"search_id", "trials", "hypervolume", "utilisation"}
+    logged = [l for l in res.stderr.splitlines()
+              if l.startswith(f"search {final['search_id'][:8]} trial ")]
+    assert len(logged) == 5 and all(" done on " in l and "hypervolume" in l for l in logged)
     assert final["trials"] == 5 and 0 < final["utilisation"] <= 1
     sid = final["search_id"]
     with open_catalog(cli.home) as cat:
@@ -151,6 +155,11 @@ def test_a_failed_evaluation_is_recorded_at_the_reference_point_with_its_error(t
     assert proc.returncode == 0, proc.stderr[-2000:]
     final = json.loads(proc.stdout.strip().splitlines()[-1])
     assert final["failed"] == 2 and final["trials"] == 2 and final["hypervolume"] == 0
+    # no terminal: one plain progress line per finished trial instead of a bar
+    sid = final["search_id"]
+    logged = [l for l in proc.stderr.splitlines() if l.startswith(f"search {sid[:8]} trial ")]
+    assert sorted(l.split()[3] for l in logged) == ["0", "1"]
+    assert all(" failed on " in l for l in logged)
     with open_catalog(home) as cat:
         trials = cat.rows(sa.select(schema.trials).order_by(schema.trials.c.trial))
         runs = cat.rows(sa.select(schema.runs))
@@ -158,7 +167,6 @@ def test_a_failed_evaluation_is_recorded_at_the_reference_point_with_its_error(t
     assert all((t["f_acc"], t["f_cost"]) == tuple(REF_POINT) for t in trials)
     assert all("died" in t["error"] and t["model_id"] is None for t in trials)
     assert all(r["status"] != "PENDING" for r in runs)
-    sid = final["search_id"]
     assert not list((home / "searches" / sid).glob("t*"))
 
 
@@ -191,3 +199,13 @@ def test_a_trial_that_fails_to_finish_leaves_no_evaluation_rows(tmp_path, world,
     assert summary["failed"] == 1 and [t["status"] for t in trials] == ["FAILED", "DONE"]
     assert "catalog write failed" in trials[0]["error"]
     assert evaluated - sources == {trials[1]["model_id"]}
+    # the failure came after the commit: the model, its run and its lineage stay
+    with open_catalog(home) as cat:
+        kept = trials[0]["model_id"]
+        runs = cat.rows(sa.select(schema.runs).where(schema.runs.c.model_id == kept))
+        lineage = cat.rows(sa.select(schema.lineage).where(
+            schema.lineage.c.child_model_id == kept))
+        plans = {r["plan_id"] for r in cat.rows(sa.select(schema.plans.c.plan_id))}
+    assert kept and [r["status"] for r in runs] == ["COMMITTED"]
+    assert {l["run_id"] for l in lineage} == {runs[0]["run_id"]} and trials[0]["plan_id"] in plans
+    assert Path(runs[0]["out_path"]).is_dir()

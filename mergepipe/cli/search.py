@@ -56,7 +56,8 @@ def run_cmd(ws, config: str, as_json: bool, keep_all: bool) -> None:
     with ws.open() as cat:
         sid = store.create_search(cat, cfg.algorithm, cfg.to_json())
         click.echo(sid if not as_json else f"search {sid} started", err=as_json)
-        summary = SearchRun(cat, sid, workspace_home(ws), progress=stderr_progress()).run()
+        summary = SearchRun(cat, sid, workspace_home(ws), progress=stderr_progress(),
+                            lines=not stderr_progress()).run()
     _final(summary, as_json)
 
 
@@ -68,7 +69,8 @@ def resume_cmd(ws, search_id: str, as_json: bool) -> None:
     """Continue an interrupted search: finished trials are kept, in-flight ones re-run."""
     from mergepipe.search.coordinator import resume_search
     with ws.open() as cat:
-        summary = resume_search(cat, search_id, workspace_home(ws), progress=stderr_progress())
+        summary = resume_search(cat, search_id, workspace_home(ws), progress=stderr_progress(),
+                                lines=not stderr_progress())
     _final(summary, as_json)
 
 
@@ -121,7 +123,7 @@ def pareto_cmd(ws, search_id: str, plot: str | None, hv_plot: str | None, materi
     """The Pareto set as named models, with lineage and evaluations."""
     from mergepipe.search.harvest import front_models, write_plots
     with ws.open() as cat:
-        rows = front_models(cat, search_id, materialize=materialize)
+        rows = front_models(cat, search_id, materialize=materialize, home=workspace_home(ws))
         if plot or hv_plot:
             write_plots(cat, search_id, plot, hv_plot)
     if as_json:

@@ -219,7 +219,13 @@ def _remove_made(staging: Path, made_parent: str | None) -> None:
 
 
 def abort_run(cat: Catalog, ticket: RunTicket) -> None:
-    """Undo a run that failed cleanly: no staging left, catalog as before the apply."""
+    """Undo a run that failed cleanly: no staging left, catalog as before the apply.
+
+    A COMMITTED run is never undone (its model and lineage are already visible).
+    """
+    rows = cat.rows(sa.select(schema.runs.c.status).where(schema.runs.c.run_id == ticket.run_id))
+    if rows and rows[0]["status"] == "COMMITTED":
+        raise MergePipeError(f"run {ticket.run_id} is committed; a commit is never undone")
     _remove_made(Path(ticket.staging), ticket.made_parent)
     with cat.transaction() as c:
         c.execute(schema.runs.delete().where(schema.runs.c.run_id == ticket.run_id))

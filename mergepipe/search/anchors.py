@@ -40,7 +40,8 @@ def _cached(cat: Catalog, model_id: str, tasks: list[TaskRef]) -> dict[str, dict
 
 
 def evaluate_sources(cat: Catalog, models: list[dict[str, Any]], tasks: list[TaskRef],
-                     device: str, pool: WorkerPool) -> dict[str, dict[str, dict[str, Any]]]:
+                     device: str, pool: WorkerPool,
+                     backend: str = "transformers") -> dict[str, dict[str, dict[str, Any]]]:
     """``{model_id: {task: metrics}}``, evaluating in parallel only what is not cached."""
     results: dict[str, dict[str, dict[str, Any]]] = {}
     todo = []
@@ -58,7 +59,7 @@ def evaluate_sources(cat: Catalog, models: list[dict[str, Any]], tasks: list[Tas
             m = todo.pop(0)
             key = -1 - len(results) - len(waiting)   # negative ids never clash with trials
             waiting[key] = m
-            pool.submit(worker, key, EvaluateJob(m["path"], tasks, device))
+            pool.submit(worker, key, EvaluateJob(m["path"], tasks, device, backend=backend))
         for r in pool.wait(timeout=None):
             m = waiting.pop(r.trial)
             if not r.ok:
@@ -74,10 +75,10 @@ def evaluate_sources(cat: Catalog, models: list[dict[str, Any]], tasks: list[Tas
 
 def ensure_anchors(cat: Catalog, search_id: str, row: dict[str, Any], base: dict[str, Any],
                    reasoning: dict[str, Any], tasks: list[TaskRef], device: str,
-                   pool: WorkerPool) -> Anchors:
+                   pool: WorkerPool, backend: str = "transformers") -> Anchors:
     if row.get("anchors"):
         return Anchors.from_json(row["anchors"]["tasks"])
-    ev = evaluate_sources(cat, [base, reasoning], tasks, device, pool)
+    ev = evaluate_sources(cat, [base, reasoning], tasks, device, pool, backend)
     b, r = ev[base["model_id"]], ev[reasoning["model_id"]]
     anchors = Anchors({t.name: TaskAnchor(b[t.name]["accuracy"], r[t.name]["accuracy"],
                                           b[t.name]["mean_tokens"], r[t.name]["mean_tokens"])

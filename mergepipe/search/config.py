@@ -1,14 +1,18 @@
 """The search config (YAML), validated once so every later failure is about the search."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from mergepipe.errors import MergePipeError
+from mergepipe.evaluate.backend import BACKENDS
 from mergepipe.search.algorithms import ALGORITHMS
+
+EVALUATORS = ("checkpoint", "resident")
+POOLS = ("local", "ray")
 
 
 @dataclass
@@ -31,7 +35,10 @@ class SearchConfig:
     stretch_alpha: float | None = None  # heavy-tailed evaluation-time emulation (Pareto α)
     out_dir: str | None = None
     keep_all: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
+    evaluator: str = "checkpoint"     # checkpoint: write, then load | resident: merge in memory
+    backend: str = "transformers"     # the evaluation engine (transformers | vllm)
+    pool: str = "local"               # local worker processes | ray actors
+    ray_address: str | None = None    # an existing Ray cluster (default: start a local one)
 
     def __post_init__(self) -> None:
         if self.algorithm not in ALGORITHMS:
@@ -41,6 +48,14 @@ class SearchConfig:
             raise MergePipeError("the search config needs at least one task (JSONL path)")
         if self.n_total < 1 or self.n_init < 0 or self.workers < 1:
             raise MergePipeError("n_total and workers must be at least 1, n_init at least 0")
+        if self.evaluator not in EVALUATORS:
+            raise MergePipeError(f"unknown evaluator {self.evaluator!r}; choose one of "
+                                 f"{', '.join(EVALUATORS)}")
+        if self.backend not in BACKENDS:
+            raise MergePipeError(f"unknown backend {self.backend!r}; choose one of "
+                                 f"{', '.join(BACKENDS)}")
+        if self.pool not in POOLS:
+            raise MergePipeError(f"unknown pool {self.pool!r}; choose one of {', '.join(POOLS)}")
         if self.group_size < 1:
             raise MergePipeError("group_size must be at least 1")
         for t in self.tasks:
@@ -55,12 +70,19 @@ class SearchConfig:
         """Build from a mapping; relative paths are taken relative to ``root``."""
         if not isinstance(data, dict):
             raise MergePipeError("a search config must be a mapping")
-        known = {f.name for f in fields(cls)} - {"extra"}
+        known = {f.name for f in fields(cls)}
+        if data.get("extra") == {}:  # configs stored by earlier versions carry an empty `extra`
+            data = {k: v for k, v in data.items() if k != "extra"}
+        unknown = sorted(str(k) for k in data if k not in known)
+        if unknown:  # a typo must not silently fall back to a default
+            raise MergePipeError(f"unknown search config key {unknown[0]!r}"
+                                 + (f" (and {', '.join(map(repr, unknown[1:]))})"
+                                    if len(unknown) > 1 else "")
+                                 + f"; known keys: {', '.join(sorted(known))}")
         missing = [k for k in ("base", "reasoning", "tasks") if k not in data]
         if missing:
             raise MergePipeError(f"search config is missing {', '.join(missing)}")
-        args = {k: v for k, v in data.items() if k in known}
-        extra = {k: v for k, v in data.items() if k not in known}
+        args = dict(data)
         tasks = args["tasks"]
         args["tasks"] = [tasks] if isinstance(tasks, str) else list(tasks)
         if root is not None:
@@ -74,7 +96,7 @@ class SearchConfig:
                 cand = root / str(args[key])
                 if not Path(str(args[key])).is_absolute() and cand.exists():
                     args[key] = str(cand.resolve())
-        return cls(**args, extra=extra)
+        return cls(**args)
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "SearchConfig":

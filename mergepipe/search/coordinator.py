@@ -9,10 +9,10 @@ baseline differs in one place: it proposes only when nothing is in flight.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import sys
-import warnings
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,13 +25,15 @@ from mergepipe import api
 from mergepipe.catalog.store import Catalog, now
 from mergepipe.engine.transaction import committed_result
 from mergepipe.search import store
-from mergepipe.search.algorithms import Algorithm, History, make_algorithm
+from mergepipe.search.algorithms import Algorithm, make_algorithm
 from mergepipe.search.anchors import ensure_anchors, task_refs
 from mergepipe.search.config import SearchConfig
 from mergepipe.search.jobs import EvaluateJob, MergeEvaluateJob, stretch_factor
 from mergepipe.search.objectives import REF_POINT, Anchors, hypervolume, pareto_mask
 from mergepipe.search.prior_build import ensure_prior
+from mergepipe.search.proposer import Proposer, propose_points
 from mergepipe.search.report import session_of, summarise
+from mergepipe.search.resident import ResidentJob
 from mergepipe.search.space import LayerSpace
 from mergepipe.search.workers import LocalPool, TrialResult, WorkerPool
 
@@ -53,8 +55,8 @@ class SearchRun:
     """One coordinator session of a search (a fresh start or a resume)."""
 
     def __init__(self, cat: Catalog, search_id: str, home: Path, progress: bool = False,
-                 keep_all: bool | None = None,
-                 pool_factory: Callable[[int, str], WorkerPool] = LocalPool):
+                 keep_all: bool | None = None, lines: bool = False,
+                 pool_factory: Callable[[int, str], WorkerPool] | None = None):
         self.cat = cat
         row = store.get_search(cat, search_id)
         self.sid = row["search_id"]
@@ -63,11 +65,20 @@ class SearchRun:
         self.keep_all = self.cfg.keep_all if keep_all is None else keep_all
         self.root = search_root(home, self.sid, self.cfg)
         self.progress = progress
-        self.pool_factory = pool_factory
+        self.lines = lines        # one plain line per finished trial (no terminal for a bar)
+        self.pool_factory = pool_factory or self._default_pool
         self.inflight: dict[int, InFlight] = {}
         self.collected: set[int] = set()
+        self.failed: set[int] = set()   # trials that failed in this session
+        self.busy_s: list[float] = []   # evaluation times seen in this session
 
     # -- setup ------------------------------------------------------------
+    def _default_pool(self, size: int, prefix: str) -> WorkerPool:
+        if self.cfg.pool == "ray":
+            from mergepipe.search.ray_pool import RayPool
+            return RayPool(size, prefix, self.cfg.ray_address)
+        return LocalPool(size, prefix)
+
     def _session(self, rows: list[dict[str, Any]]) -> str:
         seen = {session_of(r["worker"]) for r in rows if r["worker"]}
         return f"s{len(seen) + 1}"
@@ -82,7 +93,8 @@ class SearchRun:
         self.space = LayerSpace(layers, cfg.group_size)
         self.tasks = task_refs(cfg)
         self.anchors: Anchors = ensure_anchors(self.cat, self.sid, self.row, self.base,
-                                               self.reasoning, self.tasks, cfg.device, pool)
+                                               self.reasoning, self.tasks, cfg.device, pool,
+                                               backend=cfg.backend)
         lengthscales = None
         if cfg.algorithm == "apbmm":
             lengthscales = ensure_prior(self.cat, self.sid, self.row, self.base, self.reasoning,
@@ -114,55 +126,110 @@ class SearchRun:
         return summary
 
     def _loop(self, pool: WorkerPool) -> None:
+        """Hand out work first, record afterwards, and let the proposer run beside both."""
         rows = store.trials(self.cat, self.sid)
         requeue = deque((r["trial"], r["x"]) for r in store.interrupted_trials(self.cat, self.sid))
         finished = [r for r in rows if r["status"] in store.FINISHED]
-        next_trial = max([r["trial"] for r in rows], default=-1) + 1
+        self.next_trial = max([r["trial"] for r in rows], default=-1) + 1
         self.X = [r["x"] for r in finished]
         self.Y = [[r["f_acc"], r["f_cost"]] for r in finished]
         bar = tqdm(total=self.cfg.n_total, initial=len(finished), file=sys.stderr,
                    disable=not self.progress, desc=f"search {self.sid[:8]}", unit="trial")
         self._collect_garbage(rows)
+        # fixed points are a prefix of the trials: past it, the algorithm must propose
+        proposes = self.alg.fixed_point(self.cfg.n_total - 1) is None
+        proposer = Proposer(self.alg) if proposes and not self.alg.synchronous else None
+        ready: list[list[float]] = []     # the newest batch, not yet handed out
+        asked = -1                        # history size the newest batch was requested on
+        promised: set[int] = set()        # ready points the batch being computed counts on
+        unrecorded: list[TrialResult] = []   # finished, still in self.inflight until recorded
         try:
             while True:
                 free = pool.free()
                 while free and requeue:
                     trial, x = requeue.popleft()
                     self._dispatch(pool, trial, x, free.pop(0))
-                while free and next_trial < self.cfg.n_total:
-                    x = self.alg.fixed_point(next_trial)
+                while free and self.next_trial < self.cfg.n_total:
+                    x = self.alg.fixed_point(self.next_trial)
                     if x is None:
                         break
-                    self._dispatch(pool, next_trial, x, free.pop(0))
-                    next_trial += 1
-                may_propose = not self.alg.synchronous or not self.inflight
-                if free and next_trial < self.cfg.n_total and may_propose:
-                    n = min(len(free), self.cfg.n_total - next_trial)
-                    for x in self._propose(n, next_trial):
-                        self._dispatch(pool, next_trial, x, free.pop(0))
-                        next_trial += 1
-                if not self.inflight:
-                    break
-                for result in pool.wait(timeout=None):
-                    self._record(result)
+                    self._dispatch(pool, self.next_trial, x, free.pop(0))
+                    self.next_trial += 1
+                if proposer is not None:
+                    batch = proposer.take()
+                    if batch is not None:         # fresher than the rest of the last batch,
+                        ready = [x for x in ready if id(x) in promised] + batch[1]
+                        promised = set()          # but not than the points it counted on
+                    while free and ready and self.next_trial < self.cfg.n_total:
+                        self._dispatch(pool, self.next_trial, ready.pop(0), free.pop(0))
+                        self.next_trial += 1
+                elif proposes and free and not self.inflight and \
+                        self.next_trial < self.cfg.n_total:   # a synchronous batch
+                    n = min(len(free), self.cfg.n_total - self.next_trial)
+                    for x in self._propose(n):
+                        self._dispatch(pool, self.next_trial, x, free.pop(0))
+                        self.next_trial += 1
+                for r in unrecorded:              # the freed workers already have new work
+                    self._record(r, self.inflight.pop(r.trial))
+                    if r.ok:
+                        self.busy_s.append(r.busy_s)
                     bar.update(1)
                     bar.set_postfix(hv=f"{hypervolume(self.Y):.4f}")
-                self._snapshot()
+                    if self.lines:
+                        print(self._progress_line(r), file=sys.stderr, flush=True)
+                if unrecorded:
+                    self._snapshot()
+                unrecorded = []
+                more = self.next_trial < self.cfg.n_total
+                if proposer is not None and more and not proposer.busy and \
+                        (len(self.Y) != asked or not ready):
+                    ahead = self._lookahead(pool.size, proposer.last_s, len(ready))
+                    n = min(pool.size + ahead, self.cfg.n_total - self.next_trial - ahead)
+                    if n > 0:
+                        asked = len(self.Y)
+                        pending = [i.x for i in self.inflight.values()] + ready[:ahead]
+                        promised = {id(x) for x in ready[:ahead]}
+                        proposer.request(self.X, self.Y, pending, n, self.next_trial + ahead,
+                                         asked)
+                if not self.inflight:
+                    if not more:
+                        break
+                    if proposer is not None:      # nothing runs: only the proposer can help
+                        batch = proposer.take(block=True)
+                        ready = batch[1] if batch else ready
+                    continue
+                waiting_on_proposer = proposer is not None and proposer.busy and pool.free()
+                unrecorded = pool.wait(timeout=0.05 if waiting_on_proposer else None)
         finally:
+            if proposer is not None:
+                proposer.close()
             bar.close()
 
-    def _propose(self, n: int, trial: int) -> list[list[float]]:
-        pending = [inf.x for inf in self.inflight.values()]
-        hist = History(torch.tensor(self.X, dtype=torch.double).reshape(-1, self.alg.dim),
-                       torch.tensor(self.Y, dtype=torch.double).reshape(-1, 2),
-                       torch.tensor(pending, dtype=torch.double).reshape(-1, self.alg.dim))
-        if hist.X.shape[0] < 2:  # nothing to model yet: continue the shared design
-            return [self.alg.design()[trial + i].tolist() for i in range(n)]
-        try:
-            return self.alg.propose(hist, n)[:n]
-        except Exception as exc:  # a numerical failure must not end the search
-            warnings.warn(f"proposal failed ({exc}); falling back to quasi-random points")
-            return self.alg.fill([], hist, n)
+    def _lookahead(self, workers: int, refit_s: float, ready: int) -> int:
+        """Ready points the workers will take while the next batch is computed.
+
+        They count as pending for that batch (they will be in flight when it
+        lands), and the batch is that much larger, so the workers do not run dry
+        when evaluations are faster than a refit.
+        """
+        if not self.busy_s or refit_s <= 0:
+            return 0
+        typical = sorted(self.busy_s)[len(self.busy_s) // 2]
+        expected = math.ceil(workers * refit_s / max(typical, 1e-3))
+        return min(ready, expected, MAX_LOOKAHEAD * workers)
+
+    def _progress_line(self, r: TrialResult) -> str:
+        """What a log file gets per finished trial: outcome, objectives, front so far."""
+        f_acc, f_cost = self.Y[-1]
+        head = f"search {self.sid[:8]} trial {r.trial} ({len(self.Y)}/{self.cfg.n_total})"
+        if r.trial in self.failed:
+            return f"{head} failed on {r.worker} after {r.busy_s:.1f}s"
+        return (f"{head} done on {r.worker} in {r.busy_s:.1f}s: f_acc {f_acc:.4f} "
+                f"f_cost {f_cost:.4f}, hypervolume {hypervolume(self.Y):.4f}")
+
+    def _propose(self, n: int) -> list[list[float]]:
+        return propose_points(self.alg, self.X, self.Y, [i.x for i in self.inflight.values()],
+                              n, self.next_trial)
 
     # -- one trial --------------------------------------------------------
     def _dispatch(self, pool: WorkerPool, trial: int, x: list[float], worker: str) -> None:
@@ -170,10 +237,14 @@ class SearchRun:
         plan = api.build_plan(self.cat, spec, io_budget=self.cfg.io_budget)
         out = self.root / f"t{trial:04d}"
         stretch = stretch_factor(self.cfg.seed, trial, self.cfg.stretch_alpha)
-        existing = committed_result(self.cat, plan)
-        if existing is not None and Path(existing.out) == out.resolve():
+        existing = None if self.cfg.evaluator == "resident" else committed_result(self.cat, plan)
+        if self.cfg.evaluator == "resident":   # nothing on disk: the plan id is the record
+            inf = InFlight(list(x), plan, None)
+            job: Any = ResidentJob(plan, self.base["path"], self.tasks, self.cfg.device,
+                                   self.cfg.backend, stretch)
+        elif existing is not None and Path(existing.out) == out.resolve():
             inf = InFlight(list(x), plan, None, existing.model_id)  # committed before a crash
-            job: Any = EvaluateJob(str(out), self.tasks, self.cfg.device, stretch)
+            job = EvaluateJob(str(out), self.tasks, self.cfg.device, stretch, self.cfg.backend)
         else:
             if out.exists():  # an uncommitted leftover (e.g. collected garbage); start clean
                 shutil.rmtree(out)
@@ -181,28 +252,30 @@ class SearchRun:
                                    plan_inserted=getattr(plan, "stored_now", False),
                                    device=self.cfg.device)
             inf = InFlight(list(x), plan, ticket)
-            job = MergeEvaluateJob(plan, ticket.staging, self.tasks, self.cfg.device, stretch)
+            job = MergeEvaluateJob(plan, ticket.staging, self.tasks, self.cfg.device, stretch,
+                                   self.cfg.backend)
         store.submit_trial(self.cat, self.sid, trial, x, plan.plan_id, worker)
         self.inflight[trial] = inf
         pool.submit(worker, trial, job)
 
-    def _record(self, r: TrialResult) -> None:
-        inf = self.inflight.pop(r.trial)
+    def _record(self, r: TrialResult, inf: InFlight) -> None:
         error = r.error
+        model_id = inf.model_id
         if r.ok:
             try:
-                model_id = inf.model_id
                 if inf.ticket is not None:
                     res = api.finish_run(self.cat, inf.plan, inf.ticket, r.value["report"],
                                          name=f"search-{self.sid[:8]}-t{r.trial:03d}")
-                    model_id = res.model_id
+                    inf.ticket, model_id = None, res.model_id  # committed: never undone
                 metrics = r.value["metrics"]
                 f = self.anchors.objectives(metrics)
                 k = len(metrics)
                 # one transaction: a kill can never leave evaluations of a trial that resume
                 # would run again
                 with self.cat.transaction():
-                    for task, m in metrics.items():
+                    # a resident trial has no model until its plan is materialised: the
+                    # trial row (plan id, accuracy, mean tokens) is its record
+                    for task, m in (metrics.items() if model_id else ()):
                         self.cat.record_evaluation(model_id, task, {
                             "accuracy": m["accuracy"], "mean_tokens": m["mean_tokens"]},
                             n=m["n"], backend=m["backend"], split="test", wall_s=m["wall_s"])
@@ -217,10 +290,13 @@ class SearchRun:
                 return
             except Exception as exc:  # commit or scoring failed: the trial fails, search goes on
                 error = f"{type(exc).__name__}: {exc}"
-        if inf.ticket is not None:
+        if inf.ticket is not None:  # only a run that never committed is rolled back
             api.abort_run(self.cat, inf.ticket)
+        # a model committed before the failure stays, with its lineage, and the trial names it
         store.finish_trial(self.cat, self.sid, r.trial, ok=False, objectives=REF_POINT,
-                           started=r.started, finished=r.finished, error=(error or "")[:4000])
+                           started=r.started, finished=r.finished, model_id=model_id,
+                           error=(error or "")[:4000])
+        self.failed.add(r.trial)
         self.X.append(inf.x)
         self.Y.append(list(REF_POINT))
 
@@ -235,7 +311,9 @@ class SearchRun:
         done = [r for r in rows if r["status"] == "DONE"]
         if not done:
             return
-        mask = pareto_mask([[r["f_acc"], r["f_cost"]] for r in done]).tolist()
+        sources = [list(p) for p in self.anchors.source_points()]
+        points = sources + [[r["f_acc"], r["f_cost"]] for r in done]
+        mask = pareto_mask(points).tolist()[len(sources):]
         for r, on_front in zip(done, mask):
             out = self.root / f"t{r['trial']:04d}"
             if not on_front and r["trial"] not in self.collected:
@@ -244,6 +322,7 @@ class SearchRun:
 
 
 SNAPSHOT = "status.json"
+MAX_LOOKAHEAD = 3   # batches never plan more than this many rounds of the pool ahead
 
 
 def write_snapshot(root: Path, summary: dict[str, Any]) -> None:

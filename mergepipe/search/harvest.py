@@ -12,7 +12,7 @@ from mergepipe.catalog import schema
 from mergepipe.catalog.store import Catalog
 from mergepipe.search import store
 from mergepipe.search.plots import hypervolume_plot, pareto_plot, series_from_trials
-from mergepipe.search.report import finished_points, pareto_trials
+from mergepipe.search.report import finished_points, pareto_trials, source_points
 
 
 def _lineage(cat: Catalog, model_id: str) -> list[dict[str, Any]]:
@@ -31,27 +31,52 @@ def _evaluations(cat: Catalog, model_id: str) -> dict[str, dict[str, float]]:
     return out
 
 
-def front_models(cat: Catalog, search_id: str, materialize: bool = False) -> list[dict[str, Any]]:
-    """One row per Pareto-optimal trial: its model, lineage, evaluations and whereabouts."""
+def _model_of(cat: Catalog, trial: dict[str, Any]) -> dict[str, Any] | None:
+    """The trial's committed model: its own, or (resident trials) a commit of its plan."""
+    if trial["model_id"]:
+        return cat.model_by_id(trial["model_id"])
+    r = schema.runs
+    rows = cat.rows(sa.select(r.c.model_id).where(
+        r.c.plan_id == trial["plan_id"], r.c.status == "COMMITTED")
+        .order_by(r.c.finished_at.desc()))
+    return cat.model_by_id(rows[0]["model_id"]) if rows else None
+
+
+def front_models(cat: Catalog, search_id: str, materialize: bool = False,
+                 home: Path | None = None) -> list[dict[str, Any]]:
+    """One row per Pareto-optimal trial: its model, lineage, evaluations and whereabouts.
+
+    With ``materialize``, a front trial whose checkpoint is not on disk (collected,
+    or never written because a resident evaluator scored it in memory) is written
+    through the normal transactional apply of the trial's own plan.
+    """
     s = store.get_search(cat, search_id)
     out = []
-    for t in pareto_trials(store.trials(cat, s["search_id"])):
-        model = cat.model_by_id(t["model_id"]) if t["model_id"] else None
+    for t in pareto_trials(store.trials(cat, s["search_id"]), source_points(s)):
+        model = _model_of(cat, t)
         path = Path(model["path"]) if model else None
-        if materialize and model is not None and not (path and path.exists()):
+        if materialize and not (path and path.exists()):
             plan = api.load_plan(cat, t["plan_id"])
-            res = api.apply_plan(cat, plan, path, name=f"{model['name']}-m", overwrite=True)
+            if path is None:
+                from mergepipe.search.config import SearchConfig
+                from mergepipe.search.coordinator import search_root
+                root = search_root(Path(home or "."), s["search_id"],
+                                   SearchConfig.from_dict(s["config"]))
+                path = root / f"t{t['trial']:04d}"
+            name = (model["name"] + "-m" if model
+                    else f"search-{s['search_id'][:8]}-t{t['trial']:03d}")
+            res = api.apply_plan(cat, plan, path, name=name, overwrite=True)
             model = cat.model_by_id(res.model_id)
             path = Path(model["path"])
         lineage = _lineage(cat, model["model_id"]) if model else []
         weight = next((l["weight"] for l in lineage if l["role"] != "base"), None)
         out.append({"trial": t["trial"], "model": model["name"] if model else None,
-                    "model_id": t["model_id"], "plan_id": t["plan_id"],
+                    "model_id": model["model_id"] if model else None, "plan_id": t["plan_id"],
                     "f_acc": t["f_acc"], "f_cost": t["f_cost"], "accuracy": t["accuracy"],
                     "mean_tokens": t["mean_tokens"], "x": t["x"], "weight": weight,
                     "path": str(path) if path else None,
                     "on_disk": bool(path and path.exists()), "lineage": lineage,
-                    "evaluations": _evaluations(cat, t["model_id"]) if t["model_id"] else {}})
+                    "evaluations": _evaluations(cat, model["model_id"]) if model else {}})
     return out
 
 
@@ -62,8 +87,9 @@ def write_plots(cat: Catalog, search_id: str, pareto_png: str | None,
     pts = finished_points(rows)
     title = f"{s['algorithm']} · search {s['search_id'][:8]} · {len(pts)} trials"
     if pareto_png:
-        front = [[t["f_acc"], t["f_cost"]] for t in pareto_trials(rows)]
+        on_front = pareto_trials(rows, source_points(s))
+        front = [[t["f_acc"], t["f_cost"]] for t in on_front]
         pareto_plot([[r["f_acc"], r["f_cost"]] for r in pts], front, pareto_png, title,
-                    labels=[f"t{t['trial']}" for t in pareto_trials(rows)])
+                    labels=[f"t{t['trial']}" for t in on_front])
     if hv_png:
         hypervolume_plot({s["algorithm"]: series_from_trials(pts)}, hv_png, title)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 
@@ -21,12 +21,13 @@ class TaskRef:
     max_new_tokens: int | None = None
 
 
-def evaluate_dir(model_dir: str, tasks: list[TaskRef], device: str) -> dict[str, dict[str, float]]:
+def evaluate_dir(model_dir: str, tasks: list[TaskRef], device: str,
+                 backend: str = "transformers") -> dict[str, dict[str, float]]:
     """Accuracy and mean generated tokens of ``model_dir`` on each task."""
     from mergepipe.evaluate import evaluate_model
     out = {}
     for t in tasks:
-        kwargs: dict[str, Any] = {"limit": t.limit, "device": device}
+        kwargs: dict[str, Any] = {"limit": t.limit, "device": device, "backend": backend}
         if t.max_new_tokens:
             kwargs["max_new_tokens"] = t.max_new_tokens
         res = evaluate_model(model_dir, t.path, **kwargs)
@@ -52,10 +53,11 @@ class EvaluateJob:
     tasks: list[TaskRef]
     device: str = "cpu"
     stretch: float = 1.0
+    backend: str = "transformers"
 
     def run(self) -> dict[str, Any]:
         t0 = time.time()
-        metrics = evaluate_dir(self.model_dir, self.tasks, self.device)
+        metrics = evaluate_dir(self.model_dir, self.tasks, self.device, self.backend)
         _stretch(time.time() - t0, self.stretch)
         return {"metrics": metrics, "report": None}
 
@@ -69,13 +71,13 @@ class MergeEvaluateJob:
     tasks: list[TaskRef]
     device: str = "cpu"
     stretch: float = 1.0
-    extra: dict[str, Any] = field(default_factory=dict)
+    backend: str = "transformers"
 
     def run(self) -> dict[str, Any]:
         from mergepipe.engine.execute import execute_plan
         t0 = time.time()
         report = execute_plan(self.plan, self.staging, device=self.device)
-        metrics = evaluate_dir(self.staging, self.tasks, self.device)
+        metrics = evaluate_dir(self.staging, self.tasks, self.device, self.backend)
         _stretch(time.time() - t0, self.stretch)
         return {"metrics": metrics, "report": report}
 

@@ -51,6 +51,14 @@ class Anchors:
             raise ValueError("no task metrics to score")
         return (sum(p[0] for p in pairs) / len(pairs), sum(p[1] for p in pairs) / len(pairs))
 
+    def source_points(self) -> list[tuple[float, float]]:
+        """Where the base and the reasoning model themselves sit (the front's two ends)."""
+        base = {t: {"accuracy": a.acc_base, "mean_tokens": a.tok_base}
+                for t, a in self.tasks.items()}
+        reason = {t: {"accuracy": a.acc_reason, "mean_tokens": a.tok_reason}
+                  for t, a in self.tasks.items()}
+        return [self.objectives(base), self.objectives(reason)]
+
     def to_json(self) -> dict[str, dict[str, float]]:
         return {t: asdict(a) for t, a in self.tasks.items()}
 

@@ -7,11 +7,11 @@ time the search lay dead between sessions is not counted as wall time.
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any
+from typing import Any, Sequence
 
 from mergepipe.catalog.store import Catalog
 from mergepipe.search import store
-from mergepipe.search.objectives import REF_POINT, hypervolume, pareto_mask
+from mergepipe.search.objectives import REF_POINT, Anchors, hypervolume, pareto_mask
 
 
 def session_of(worker: str | None) -> str:
@@ -39,12 +39,25 @@ def finished_points(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return sorted(done, key=lambda r: (r["finished_at"], r["trial"]))
 
 
-def pareto_trials(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def source_points(search: dict[str, Any]) -> list[tuple[float, float]]:
+    """The two sources on the anchored map (none before the anchors are known)."""
+    anchors = search.get("anchors")
+    return Anchors.from_json(anchors["tasks"]).source_points() if anchors else []
+
+
+def pareto_trials(rows: list[dict[str, Any]],
+                  sources: Sequence[Sequence[float]] = ()) -> list[dict[str, Any]]:
+    """DONE trials that neither another trial nor a source model dominates.
+
+    A merge the base model beats on both objectives is no answer to the search,
+    so the sources take part in the dominance test (but are not listed).
+    """
     ok = [r for r in rows if r["status"] == "DONE"]
     if not ok:
         return []
-    mask = pareto_mask([[r["f_acc"], r["f_cost"]] for r in ok])
-    return sorted((r for r, m in zip(ok, mask.tolist()) if m), key=lambda r: r["f_acc"])
+    points = [list(p) for p in sources] + [[r["f_acc"], r["f_cost"]] for r in ok]
+    mask = pareto_mask(points).tolist()[len(sources):]
+    return sorted((r for r, m in zip(ok, mask) if m), key=lambda r: r["f_acc"])
 
 
 def summarise(cat: Catalog, search_id: str) -> dict[str, Any]:
@@ -62,7 +75,7 @@ def summarise(cat: Catalog, search_id: str) -> dict[str, Any]:
         "done": counts["DONE"], "failed": counts["FAILED"],
         "in_flight": counts["RUNNING"] + counts["PENDING"],
         "hypervolume": hypervolume([[r["f_acc"], r["f_cost"]] for r in pts], REF_POINT),
-        "pareto": len(pareto_trials(rows)),
+        "pareto": len(pareto_trials(rows, source_points(s))),
         "utilisation": t["utilisation"], "wall_s": t["wall_s"], "busy_s": t["busy_s"],
         "workers": s["config"].get("workers"),
         "created_at": s["created_at"], "finished_at": s["finished_at"],

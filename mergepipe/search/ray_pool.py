@@ -1,0 +1,108 @@
+"""Evaluators as Ray actors, for searches that need more than one machine.
+
+The same shape as :class:`~mergepipe.search.workers.LocalPool` (``free`` /
+``submit`` / ``wait`` / ``close``): one actor per worker name, each a long-lived
+process, so a resident evaluator keeps its engine across trials exactly as a
+local worker does. The coordinator alone writes the catalog; actors only run
+jobs and return :class:`TrialResult`s. An actor that dies fails its trial and is
+replaced.
+"""
+from __future__ import annotations
+
+import time
+import traceback
+from typing import Any
+
+from mergepipe.errors import MergePipeError
+from mergepipe.search.workers import Job, TrialResult
+
+
+class _Evaluator:
+    """The actor body: runs one job at a time in its own process."""
+
+    def __init__(self, name: str) -> None:
+        import os
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+        import torch
+        torch.set_num_threads(1)
+        from mergepipe.search.workers import _quiet_transformers
+        _quiet_transformers()
+        self.name = name
+
+    def run(self, trial: int, job: Job) -> TrialResult:
+        started = time.time()
+        try:
+            return TrialResult(trial, self.name, True, job.run(), None, started, time.time())
+        except Exception as exc:   # a failing job is a FAILED trial, not a dead actor
+            tb = traceback.format_exc(limit=3)
+            return TrialResult(trial, self.name, False, {}, f"{type(exc).__name__}: {exc}\n{tb}",
+                               started, time.time())
+
+
+class RayPool:
+    """``size`` Ray actors; starts a local Ray instance unless ``address`` names a cluster."""
+
+    def __init__(self, size: int, prefix: str = "w", address: str | None = None):
+        try:
+            import ray
+        except ImportError:
+            raise MergePipeError("pool: ray needs the optional `ray` package "
+                                 "(pip install 'mergepipe[ray]')")
+        if size < 1:
+            raise ValueError("a worker pool needs at least one worker")
+        self._ray = ray
+        self._owns = not ray.is_initialized()
+        if self._owns:
+            kwargs: dict[str, Any] = {"address": address} if address else {
+                "num_cpus": size, "object_store_memory": 200 << 20}
+            ray.init(include_dashboard=False, log_to_driver=False, **kwargs)
+        self.size = size
+        self._cls = ray.remote(num_cpus=1, max_restarts=0)(_Evaluator)
+        self._names = [f"{prefix}{i}" for i in range(size)]
+        self._actors = {n: self._cls.remote(n) for n in self._names}
+        self._busy: dict[str, tuple[int, float, Any]] = {}   # worker -> (trial, t0, ref)
+
+    def free(self) -> list[str]:
+        return [n for n in self._names if n not in self._busy]
+
+    def submit(self, worker: str, trial: int, job: Job) -> None:
+        if worker in self._busy:
+            raise RuntimeError(f"worker {worker} is busy with trial {self._busy[worker][0]}")
+        self._busy[worker] = (trial, time.time(), self._actors[worker].run.remote(trial, job))
+
+    def wait(self, timeout: float | None = None) -> list[TrialResult]:
+        """Block until at least one job finishes (or ``timeout``); return all that did."""
+        ray = self._ray
+        if not self._busy:
+            return []
+        by_ref = {ref: w for w, (_, _, ref) in self._busy.items()}
+        done, _ = ray.wait(list(by_ref), num_returns=1, timeout=timeout)
+        if done:
+            done, _ = ray.wait(list(by_ref), num_returns=len(by_ref), timeout=0)
+        out = []
+        for ref in done:
+            worker = by_ref[ref]
+            trial, t0, _ = self._busy.pop(worker)
+            try:
+                out.append(ray.get(ref))
+            except ray.exceptions.RayActorError as exc:   # killed (OOM, signal, node lost)
+                out.append(TrialResult(trial, worker, False, {},
+                                       f"worker {worker} died ({type(exc).__name__})",
+                                       t0, time.time()))
+                self._actors[worker] = self._cls.remote(worker)
+        return out
+
+    def close(self) -> None:
+        for actor in self._actors.values():
+            try:
+                self._ray.kill(actor)
+            except Exception:
+                pass
+        if self._owns:
+            self._ray.shutdown()
+
+    def __enter__(self) -> "RayPool":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

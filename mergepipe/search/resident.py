@@ -1,0 +1,139 @@
+"""Resident evaluators: one engine per worker, candidates merged in memory and swapped in.
+
+Writing each candidate as a checkpoint and loading it into a fresh model costs
+a full write, a full read and an engine start per trial. A resident worker
+loads the base model once and, per candidate, runs the plan through the same
+per-tensor merge code as `apply` (:func:`mergepipe.engine.execute._merge_task`)
+into memory instead of a shard file, then copies the tensors into the live
+model's parameters. The bytes are those `apply` would write (same method, same
+output dtype), so `search pareto --materialize` reproduces exactly the model
+that was evaluated.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from mergepipe.engine.execute import DEFAULT_BLOCK_BYTES, _merge_task
+from mergepipe.engine.reader import BlockReader
+from mergepipe.errors import MergePipeError
+from mergepipe.planner.plan import Plan
+from mergepipe.safetensors_format import torch_dtype
+
+
+class _MemoryWriter:
+    """Takes what the engine would stream into a shard, straight into one tensor per name."""
+
+    def __init__(self, plan: Plan) -> None:
+        self.tensors = {t.name: torch.empty(t.shape, dtype=torch_dtype(t.out_dtype))
+                        for t in plan.tasks}
+        self._filled = {name: 0 for name in self.tensors}
+
+    def write(self, name: str, data: Any) -> None:
+        flat = self.tensors[name].view(-1).view(torch.uint8)
+        start = self._filled[name]
+        chunk = torch.frombuffer(data, dtype=torch.uint8) if len(data) else flat[:0]
+        flat[start:start + chunk.numel()] = chunk
+        self._filled[name] = start + chunk.numel()
+
+
+def merge_in_memory(plan: Plan, device: str = "cpu",
+                    block_bytes: int = DEFAULT_BLOCK_BYTES) -> dict[str, torch.Tensor]:
+    """Every output tensor of ``plan``, in its output dtype, byte-equal to `apply`'s."""
+    reader = BlockReader(plan.sources)
+    writer = _MemoryWriter(plan)
+    try:
+        for task in plan.tasks:
+            _merge_task(task, plan, reader, writer, device, block_bytes)  # type: ignore[arg-type]
+    finally:
+        reader.close()
+    short = [n for n, t in writer.tensors.items()
+             if writer._filled[n] != t.numel() * t.element_size()]
+    if short:
+        raise MergePipeError(f"the merge produced too few bytes for {short[0]}")
+    return writer.tensors
+
+
+def swap_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> int:
+    """Copy ``tensors`` into the live model's parameters and buffers by name, in place.
+
+    Every parameter must be covered (a tied head shares the embedding's storage,
+    so it is covered by it); returns the number of tensors copied.
+    """
+    state = model.state_dict(keep_vars=True)
+    unknown = sorted(set(tensors) - set(state))
+    if unknown:
+        raise MergePipeError(f"merged tensor {unknown[0]} has no counterpart in the live model")
+    covered = {state[n].data_ptr() for n in tensors}
+    missing = [n for n, p in model.named_parameters() if n not in tensors
+               and p.data_ptr() not in covered]
+    if missing:
+        raise MergePipeError(f"the merge does not produce {missing[0]}; cannot swap it in")
+    with torch.no_grad():
+        for name, t in tensors.items():
+            target = state[name]
+            if tuple(target.shape) != tuple(t.shape):
+                raise MergePipeError(f"merged tensor {name} has shape {tuple(t.shape)}, the live "
+                                     f"model {tuple(target.shape)}")
+            target.copy_(t)
+    return len(tensors)
+
+
+_ENGINES: dict[tuple[str, str, str], Any] = {}
+
+
+def resident_engine(backend: str, model_dir: str, device: str) -> Any:
+    """This process's engine for (backend, model, device), started on first use."""
+    key = (backend, model_dir, device)
+    if key not in _ENGINES:
+        from mergepipe.evaluate.backend import load_backend
+        _ENGINES[key] = load_backend(backend, model_dir, device=device)
+    return _ENGINES[key]
+
+
+def live_module(engine: Any) -> torch.nn.Module:
+    model = getattr(engine, "model", None)
+    if not isinstance(model, torch.nn.Module):
+        raise MergePipeError(f"the {engine.name} backend cannot take weights in place")
+    return model
+
+
+@dataclass
+class ResidentJob:
+    """Merge a plan in memory, swap it into the worker's live engine and score it."""
+
+    plan: Plan
+    engine_dir: str              # the checkpoint the engine starts from (the base)
+    tasks: list[Any]
+    device: str = "cpu"
+    backend: str = "transformers"
+    stretch: float = 1.0
+
+    def run(self) -> dict[str, Any]:
+        from mergepipe.evaluate import load_task, run_task
+        from mergepipe.evaluate.runner import DEFAULT_MAX_NEW_TOKENS
+        from mergepipe.search.jobs import _stretch
+        t0 = time.time()
+        engine = resident_engine(self.backend, self.engine_dir, self.device)
+        t1 = time.time()
+        if hasattr(engine, "load_plan"):   # the engine merges inside its own worker (vLLM)
+            t2 = time.time()
+            engine.load_plan(self.plan)
+        else:
+            tensors = merge_in_memory(self.plan, device=self.device)
+            t2 = time.time()
+            swap_weights(live_module(engine), tensors)
+        t3 = time.time()
+        metrics = {}
+        for t in self.tasks:
+            res = run_task(engine, load_task(t.path).head(t.limit),
+                           t.max_new_tokens or DEFAULT_MAX_NEW_TOKENS)
+            metrics[t.name] = {"accuracy": float(res.accuracy),
+                               "mean_tokens": float(res.mean_tokens), "n": int(res.n),
+                               "wall_s": float(res.wall_s), "backend": res.backend}
+        _stretch(time.time() - t0, self.stretch)
+        return {"metrics": metrics, "report": None,
+                "overhead": {"engine_start_s": t1 - t0, "merge_s": t2 - t1, "load_s": t3 - t2}}

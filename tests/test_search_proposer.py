@@ -1,0 +1,42 @@
+"""The background proposer: the caller is never blocked, and pending points stay pending."""
+from __future__ import annotations
+
+import torch
+
+from mergepipe.search.algorithms import make_algorithm, sobol_design
+from mergepipe.search.proposer import Proposer, propose_points
+from mergepipe.search.rerank import DUPLICATE_TOL, rms_distance
+from mergepipe.search.space import LayerSpace
+
+
+def _toy(X: torch.Tensor) -> torch.Tensor:
+    return torch.stack([X[:, :3].mean(-1), 1 - X[:, 1:4].mean(-1) ** 2], -1)
+
+
+def test_a_batch_is_computed_beside_the_caller_and_avoids_pending_points():
+    torch.set_num_threads(1)
+    space = LayerSpace(5)
+    alg = make_algorithm("apbmm", space, 6, 20, 0, [1.0, 0.5, 0.5, 2.0, 5.0, 5.0])
+    X = sobol_design(space.dim, 8, 0)
+    Y = _toy(X)
+    pending = (X[torch.argsort(Y.sum(-1), descending=True)[:3]] + 1e-4).tolist()
+    proposer = Proposer(alg)
+    try:
+        proposer.request(X.tolist(), Y.tolist(), pending, 4, 8, version=8)
+        assert proposer.busy            # request returned at once; the refit runs in a thread
+        version, points = proposer.take(block=True)
+        assert not proposer.busy and proposer.take() is None
+    finally:
+        proposer.close()
+    picks = torch.tensor(points, dtype=torch.double)
+    assert version == 8 and picks.shape == (4, space.dim)
+    assert float(rms_distance(picks, torch.tensor(pending)).min()) >= DUPLICATE_TOL
+    # the same snapshot gives the same batch in the caller's thread (seeded per history size)
+    assert propose_points(alg, X.tolist(), Y.tolist(), pending, 4, 8) == points
+
+
+def test_before_two_results_the_shared_design_continues():
+    space = LayerSpace(3)
+    alg = make_algorithm("apbmm", space, 1, 10, 2)
+    got = propose_points(alg, [[0.5] * 4], [[0.1, 0.2]], [], 2, 3)
+    assert got == [alg.design()[3].tolist(), alg.design()[4].tolist()]
