@@ -191,8 +191,11 @@ def _read_inputs(task: TensorTask, idx: list[int], reader: BlockReader, base: to
     return inputs
 
 
-def _merge_task(task: TensorTask, plan: Plan, reader: BlockReader, writer: ShardWriter,
-                device: str, block_bytes: int, phases: Phases) -> None:
+def merge_task(task: TensorTask, plan: Plan, reader: BlockReader, writer: ShardWriter,
+               device: str, block_bytes: int, phases: Phases | None = None) -> None:
+    """Merge one output tensor and hand its bytes to ``writer`` (a shard writer,
+    or any object with ``write(name, data)``, as the search's in-memory merge)."""
+    phases = phases or Phases()
     if task.scope == "copy":  # non-float tensors pass through byte for byte
         src = task.base or task.inputs[0]
         writer.write(task.name, reader.raw(src, 0, src.nbytes))
@@ -342,7 +345,7 @@ def _execute(plan: Plan, out_dir: Path, device: str, block_bytes: int, allow_non
                 prefetch = _Prefetcher(tasks, reader)
                 for i, task in enumerate(tasks):
                     prefetch.advance(i)
-                    _merge_task(task, plan, reader, writer, device, block_bytes, phases)
+                    merge_task(task, plan, reader, writer, device, block_bytes, phases)
                     bar.update(1)
                     if i == len(tasks) // 2:
                         crash_point("mid_write")

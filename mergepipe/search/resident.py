@@ -3,7 +3,7 @@
 Writing each candidate as a checkpoint and loading it into a fresh model costs
 a full write, a full read and an engine start per trial. A resident worker
 loads the base model once and, per candidate, runs the plan through the same
-per-tensor merge code as `apply` (:func:`mergepipe.engine.execute._merge_task`)
+per-tensor merge code as `apply` (:func:`mergepipe.engine.execute.merge_task`)
 into memory instead of a shard file, then copies the tensors into the live
 model's parameters. The bytes are those `apply` would write (same method, same
 output dtype), so `search pareto --materialize` reproduces exactly the model
@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from mergepipe.engine.execute import DEFAULT_BLOCK_BYTES, _merge_task
+from mergepipe.engine.execute import DEFAULT_BLOCK_BYTES, merge_task
 from mergepipe.engine.reader import BlockReader
 from mergepipe.errors import MergePipeError
 from mergepipe.planner.plan import Plan
@@ -47,7 +47,7 @@ def merge_in_memory(plan: Plan, device: str = "cpu",
     writer = _MemoryWriter(plan)
     try:
         for task in plan.tasks:
-            _merge_task(task, plan, reader, writer, device, block_bytes)  # type: ignore[arg-type]
+            merge_task(task, plan, reader, writer, device, block_bytes)  # type: ignore[arg-type]
     finally:
         reader.close()
     short = [n for n, t in writer.tensors.items()

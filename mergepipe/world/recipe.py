@@ -57,15 +57,17 @@ class WorldRecipe:
 # Heads are 32 wide, a size vLLM's CPU attention serves. Chains start at two
 # steps: one-step chains are a single lookup either way, so they would only blur
 # the trade-off, and the shortest chains are where a short training run is
-# least sure to learn the written style.
+# least sure to learn the written style. Two narrow layers keep direct answers
+# weak (wider or deeper models learn to answer 2-5 step chains outright, and the
+# margin to reasoning then depends on the CPU).
 SIZES: dict[str, WorldRecipe] = {
     "test": WorldRecipe(size="test", hidden=64, layers=2, heads=2, intermediate=128,
                         min_steps=2, max_steps=4, n_train=4000, n_test=100,
                         show_work_floor=0.4, pretrain_steps=600, finetune_steps=150,
                         batch_size=64),
-    "default": WorldRecipe(size="default", hidden=96, layers=3, heads=3, intermediate=192,
-                           max_steps=5, pretrain_steps=1100, finetune_steps=150,
-                           batch_size=32),
+    "default": WorldRecipe(size="default", hidden=64, layers=2, heads=2, intermediate=128,
+                           min_steps=2, max_steps=5, show_work_floor=0.4,
+                           pretrain_steps=800, finetune_steps=150, batch_size=64),
 }
 
 
