@@ -33,7 +33,8 @@ from mergepipe import api
 from mergepipe.catalog.store import open_catalog
 from mergepipe.engine.execute import execute_plan
 from mergepipe.search.algorithms import sobol_design
-from mergepipe.search.resident import merge_in_memory, swap_weights
+from mergepipe.engine.memory import merge_in_memory
+from mergepipe.search.resident import swap_weights
 from mergepipe.search.space import LayerSpace
 
 

@@ -24,7 +24,7 @@ import torch
 from harness import machine
 
 from mergepipe.catalog.store import open_catalog
-from mergepipe.search import store
+from mergepipe.search import trials
 from mergepipe.search.algorithms import ALGORITHMS
 from mergepipe.search.config import SearchConfig
 from mergepipe.search.coordinator import SearchRun
@@ -47,7 +47,7 @@ def run_one(cat, home: Path, world: Path, algorithm: str, seed: int, args: argpa
                        n_init=args.n_init, n_total=args.n_total, workers=args.workers, seed=seed,
                        limit=args.limit, group_size=args.group_size, stretch_alpha=stretch,
                        probe=str(world / "train.jsonl"))
-    sid = store.create_search(cat, algorithm, cfg.to_json())
+    sid = trials.create_search(cat, algorithm, cfg.to_json())
     t0 = time.time()
     summary = SearchRun(cat, sid, home, progress=args.progress).run()
     summary["bench_wall_s"] = time.time() - t0
@@ -132,7 +132,7 @@ def main() -> None:
                         str(out / "search_hv.png"))
         if stretched:
             series = {f"{r['algorithm']} (seed {r['seed']})": series_from_trials(
-                finished_points(store.trials(cat, r["search_id"]))) for r in stretched}
+                finished_points(trials.list_trials(cat, r["search_id"]))) for r in stretched}
             hypervolume_plot(series, out / "search_hv_stretched.png",
                              f"heavy-tailed evaluation times (Pareto α={args.stretch_alpha}), "
                              f"emulated")

@@ -1,233 +1,311 @@
-"""The library façade: the same calls the CLI and search loops use.
+"""The library surface: every call the CLI makes, for scripts and search loops too.
 
     from mergepipe import api
     with api.open_catalog("./ws") as cat:
         plan = api.build_plan(cat, "ties.yml")
         result = api.apply_plan(cat, plan, "./merged")
 
-Planning is in :mod:`mergepipe.planner`, execution in :mod:`mergepipe.engine`,
-records in :mod:`mergepipe.catalog`.
+Where the work happens: plans in :mod:`mergepipe.planner`, execution in
+:mod:`mergepipe.engine`, runs (begin, commit, recover, analyze) in
+:mod:`mergepipe.runs`, records in :mod:`mergepipe.catalog`, searches in
+:mod:`mergepipe.search`. Heavy modules (torch, transformers, BoTorch) are
+imported inside the calls that need them, so a catalog question stays quick.
 """
 from __future__ import annotations
 
-import math
-import re
-import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable
 
-import duckdb
-import sqlalchemy as sa
+from mergepipe.catalog import DEFAULT_SQL_TIMEOUT
 
-from mergepipe.catalog.register import register_model
-from mergepipe.catalog.store import Catalog, open_catalog
-from mergepipe.engine.execute import DEFAULT_BLOCK_BYTES, ExecReport, execute_plan
-from mergepipe.engine.recovery import RecoverReport, VerifyResult, recover, verify_dir
-from mergepipe.engine.transaction import (ApplyResult, RunTicket, abort_run, begin_run,
-                                          check_output, commit_run, committed_result)
-from mergepipe.errors import MergePipeError
-from mergepipe.planner.build import build_exact_plan, load_plan, resolve_model, store_plan
-from mergepipe.planner.plan import Plan
+if TYPE_CHECKING:
+    from mergepipe.catalog.store import Catalog
+    from mergepipe.engine.execute import ExecReport
+    from mergepipe.evaluate.runner import EvalResult
+    from mergepipe.planner.plan import Plan
+    from mergepipe.runs.analyze import AnalyzeReport
+    from mergepipe.runs.manifest import VerifyResult
+    from mergepipe.runs.recovery import RecoverReport
+    from mergepipe.runs.transaction import ApplyResult, RunTicket
+    from mergepipe.search.config import SearchConfig
 
-__all__ = ["open_catalog", "register", "resolve_model", "build_plan", "store_plan", "load_plan",
-           "apply_plan", "begin_run", "execute_plan", "finish_run", "abort_run", "run_sql",
-           "verify", "recover", "check_output", "lineage", "Plan", "ApplyResult", "RunTicket", "ExecReport",
-           "VerifyResult", "RecoverReport"]
+__all__ = ["open_catalog", "workspace_home", "register", "resolve_model", "models", "lineage",
+           "run_sql", "DEFAULT_SQL_TIMEOUT", "build_plan", "build_and_store", "store_plan",
+           "load_plan", "plan_summary", "plan_lines", "explain", "apply_plan", "begin_run", "execute_plan", "finish_run",
+           "abort_run", "check_output", "verify", "recover", "analyze", "world_build", "evaluate",
+           "load_search_config", "start_search", "resume_search", "search_status",
+           "search_snapshots", "search_front"]
 
 
+# -- the catalog --------------------------------------------------------------------
+def open_catalog(home: str | Path | None = None, url: str | None = None,
+                 read_only: bool = False) -> Catalog:
+    """Open the catalog of workspace ``home`` (or the database at ``url``); a context
+    manager. A catalog another process writes fails with one line naming it."""
+    from mergepipe.catalog.store import open_catalog as open_
+    return open_(home, url, read_only=read_only)
+
+
+def workspace_home(home: str | Path | None = None) -> Path:
+    """``home``, else $MERGEPIPE_HOME, else ~/.mergepipe."""
+    from mergepipe.catalog.store import workspace_home as resolve
+    return resolve(home)
+
+
+def run_sql(cat: Catalog, query: str, timeout: float = DEFAULT_SQL_TIMEOUT) -> list[dict[str, Any]]:
+    """One read-only statement (SELECT, EXPLAIN, describing PRAGMAs), timed out."""
+    from mergepipe.catalog.sql import run_sql as run
+    return run(cat, query, timeout)
+
+
+def models(cat: Catalog) -> list[dict[str, Any]]:
+    """Every registered and merged model, oldest first."""
+    from mergepipe.catalog.queries import models as list_models
+    return list_models(cat)
+
+
+def lineage(cat: Catalog, name: str) -> list[dict[str, Any]]:
+    """Every ancestry edge of a model, nearest first."""
+    from mergepipe.catalog.queries import lineage as walk
+    return walk(cat, name)
+
+
+# -- models -------------------------------------------------------------------
 def register(cat: Catalog, path: str | Path, name: str | None = None,
              progress: bool = False) -> dict[str, Any]:
     """Index a model directory (idempotent)."""
+    from mergepipe.catalog.register import register_model
     return register_model(cat, path, name=name, progress=progress)
 
 
-def build_plan(cat: Catalog, spec: str | Path | dict[str, Any], io_budget: str | int | None = None,
-               seed: int | None = None, analyze: bool = True, progress: bool = False,
-               store: bool = True) -> Plan:
-    """Plan a merge (exact, or under an expert I/O budget) and store it.
+def resolve_model(cat: Catalog, ref: str) -> dict[str, Any]:
+    """A catalog name, or a model directory (registered on first use)."""
+    from mergepipe.planner.resolve import resolve_model as resolve
+    return resolve(cat, ref)
 
-    Planning is all-or-nothing: a spec that fails to plan leaves no trace,
-    not even the models its paths would have registered.
+
+# -- plans ----------------------------------------------------------------------
+def build_plan(cat: Catalog, spec: str | Path | dict[str, Any],
+               io_budget: str | int | None = None, seed: int | None = None,
+               analyze: bool = True, progress: bool = False, store: bool = True) -> Plan:
+    """Plan a merge (exact, or under an expert I/O budget) and store it."""
+    from mergepipe.runs.apply import build_plan as build
+    return build(cat, spec, io_budget, seed, analyze, progress, store)
+
+
+def build_and_store(cat: Catalog, spec: str | Path | dict[str, Any],
+                    io_budget: str | int | None = None, seed: int | None = None,
+                    analyze: bool = True, progress: bool = False) -> tuple[Plan, bool]:
+    """:func:`build_plan`, also returning whether this call inserted the plan (pass it
+    to :func:`apply_plan` as ``plan_inserted`` so a failed run removes it again)."""
+    from mergepipe.runs.apply import build_and_store as build
+    return build(cat, spec, io_budget, seed, analyze, progress)
+
+
+def store_plan(cat: Catalog, plan: Plan) -> bool:
+    from mergepipe.planner.records import store_plan as store
+    return store(cat, plan)
+
+
+def load_plan(cat: Catalog, plan_id: str) -> Plan:
+    from mergepipe.planner.records import load_plan as load
+    return load(cat, plan_id)
+
+
+def plan_summary(plan: Plan) -> dict[str, Any]:
+    """A plan's method, sources, estimated reads and writes and budget, as JSON."""
+    from mergepipe.planner.explain import summary
+    return summary(plan)
+
+
+def plan_lines(plan: Plan) -> list[str]:
+    """The same summary as lines a person reads."""
+    from mergepipe.planner.explain import summary_lines
+    return summary_lines(plan)
+
+
+def explain(cat: Catalog, plan_or_run: str) -> dict[str, Any]:
+    """What a plan reads per layer and model; for a run id also what the run did.
+
+    Returns ``plan`` (the Plan), ``summary`` (its JSON summary), ``rows`` (per
+    layer and model), and ``lines``: the summary, the run against its estimates
+    with the engine's seconds per phase, the budget shares and the time estimate.
     """
-    before = list(cat.fresh_models)
-    try:
-        plan = build_exact_plan(cat, spec, seed=seed)
-        if io_budget is not None:
-            from mergepipe.planner.budget import apply_budget
-            plan = apply_budget(cat, plan, io_budget, analyze=analyze, progress=progress)
-        if store:
-            plan.stored_now = store_plan(cat, plan)  # type: ignore[attr-defined]
-    except BaseException:
-        _forget_fresh_models(cat, before)
-        raise
-    return plan
+    from mergepipe.planner.budget_report import report_lines
+    from mergepipe.planner.explain import explain_rows, run_lines, summary, summary_lines
+    from mergepipe.catalog.queries import find_run
+    from mergepipe.runs.manifest import read_manifest
+    run = find_run(cat, plan_or_run)
+    plan = load_plan(cat, run["plan_id"] if run else plan_or_run)
+    lines = summary_lines(plan)
+    extra = []
+    if run:
+        manifest = read_manifest(Path(run["out_path"]))  # phases, if the output is this run's
+        phases = (manifest.get("phases") or {}) if manifest.get("run_id") == run["run_id"] else {}
+        extra += run_lines(plan, run, phases)
+    extra += report_lines(cat, plan, run)
+    return {"plan": plan, "summary": summary(plan), "rows": explain_rows(plan),
+            "lines": lines, "extra_lines": extra, "run": run}
 
 
-def _forget_fresh_models(cat: Catalog, keep: list[str]) -> None:
-    for model_id in [m for m in cat.fresh_models if m not in keep]:
-        cat.delete_model(model_id)
-        cat.fresh_models.remove(model_id)
+# -- runs -----------------------------------------------------------------------
+def apply_plan(cat: Catalog, plan: Plan, out: str | Path, name: str | None = None,
+               overwrite: bool = False, device: str = "cpu", allow_nonfinite: bool = False,
+               block_bytes: int | None = None, progress: bool = False,
+               plan_inserted: bool = False) -> ApplyResult:
+    """Execute a plan transactionally; an already-committed plan returns its commit."""
+    from mergepipe.engine.execute import DEFAULT_BLOCK_BYTES
+    from mergepipe.runs.apply import apply_plan as apply
+    return apply(cat, plan, out, name, overwrite, device, allow_nonfinite,
+                 block_bytes or DEFAULT_BLOCK_BYTES, progress, plan_inserted)
+
+
+def check_output(cat: Catalog, out: str | Path, overwrite: bool = False,
+                 name: str | None = None, plan: Plan | None = None,
+                 existing_ok: bool = False) -> Path:
+    """Refuse, before any work, an output that would destroy data or cannot be recorded."""
+    from mergepipe.runs.transaction import check_output as check
+    return check(cat, out, overwrite, name, plan, existing_ok)
+
+
+def begin_run(cat: Catalog, plan: Plan, out: str | Path, overwrite: bool = False,
+              plan_inserted: bool = False, device: str = "cpu",
+              name: str | None = None) -> RunTicket:
+    """Record a PENDING run and make its staging folder (for engines in other processes)."""
+    from mergepipe.runs.transaction import begin_run as begin
+    return begin(cat, plan, out, overwrite, plan_inserted, device, name)
+
+
+def execute_plan(plan: Plan, staging: str | Path, **kw: Any) -> ExecReport:
+    """Run the engine alone: write the merged shards into ``staging``; no catalog."""
+    from mergepipe.engine.execute import execute_plan as execute
+    return execute(plan, staging, **kw)
 
 
 def finish_run(cat: Catalog, plan: Plan, ticket: RunTicket, report: ExecReport,
                name: str | None = None) -> ApplyResult:
     """Commit a run whose engine work is done (possibly in another process)."""
+    from mergepipe.runs.transaction import commit_run
     return commit_run(cat, plan, ticket, report, name)
 
 
-def apply_plan(cat: Catalog, plan: Plan, out: str | Path, name: str | None = None,
-               overwrite: bool = False, device: str = "cpu", allow_nonfinite: bool = False,
-               block_bytes: int = DEFAULT_BLOCK_BYTES, progress: bool = False) -> ApplyResult:
-    """Execute a plan transactionally; an already-committed plan returns its commit."""
-    existing = committed_result(cat, plan)
-    if existing is not None:
-        return existing
-    inserted = getattr(plan, "stored_now", False)
-    try:
-        ticket = begin_run(cat, plan, out, overwrite=overwrite, plan_inserted=inserted,
-                           device=device, name=name or Path(out).expanduser().resolve().name)
-    except BaseException:
-        if inserted:
-            from mergepipe.catalog import schema
-            cat.execute(schema.plans.delete().where(schema.plans.c.plan_id == plan.plan_id))
-        _forget_fresh_models(cat, [])
-        raise
-    try:
-        report = execute_plan(plan, ticket.staging, device=device, block_bytes=block_bytes,
-                              allow_nonfinite=allow_nonfinite, progress=progress)
-        return commit_run(cat, plan, ticket, report, name)
-    except BaseException as exc:
-        abort_run(cat, ticket)
-        _forget_fresh_models(cat, [])
-        if isinstance(exc, OSError) and exc.filename is None:
-            exc.filename = ticket.out  # a failed write names no file; say where it went
-        raise
+def abort_run(cat: Catalog, ticket: RunTicket) -> None:
+    from mergepipe.runs.transaction import abort_run as abort
+    abort(cat, ticket)
 
 
 def verify(path: str | Path) -> VerifyResult:
+    """Re-hash an output's tensors and files against its manifest."""
+    from mergepipe.runs.manifest import verify_dir
     return verify_dir(path)
 
 
-_READ_ONLY_TYPES = {"SELECT", "EXPLAIN", "PRAGMA"}
-_EXPLAIN = re.compile(r"^\s*EXPLAIN\b\s*(?:\(.*?\)\s*)?(?:ANALY[SZ]E\b)?(.*)$",
-                      re.IGNORECASE | re.DOTALL)
-_PRAGMA = re.compile(r"^\s*PRAGMA\s+(\w+)", re.IGNORECASE)
-# pragmas that only describe the database; the others set options (profiling files...)
-_READ_PRAGMAS = {"table_info", "show_tables", "show_tables_expanded", "database_size",
-                 "database_list", "storage_info", "show", "version", "platform",
-                 "metadata_info", "collations", "functions", "user_agent"}
-DEFAULT_SQL_TIMEOUT = 5.0
+def recover(cat: Catalog) -> RecoverReport:
+    """Finish or roll back runs a crash interrupted."""
+    from mergepipe.runs.recovery import recover as rec
+    return rec(cat)
 
 
-# PostgreSQL functions that reach the server's files (superusers may call them)
-_PG_FILE_FUNCS = re.compile(r"\b(pg_read_file|pg_read_binary_file|pg_ls_\w+|pg_stat_file|"
-                            r"lo_import|lo_export|pg_file_\w+|dblink\w*)\s*\(", re.IGNORECASE)
+def analyze(cat: Catalog, experts: list[str], base: str, block_size: str | int = "1MiB",
+            progress: bool = False, force: bool = False) -> AnalyzeReport:
+    """Store per-block delta norms of each expert against ``base`` (names or folders)."""
+    from mergepipe.planner.spec import parse_size
+    from mergepipe.runs.analyze import analyze as run_analyze
+    block_bytes = parse_size(block_size, "block size")
+    base_row = resolve_model(cat, base)
+    rows = [resolve_model(cat, e) for e in experts]
+    return run_analyze(cat, rows, base_row, block_bytes=block_bytes, progress=progress,
+                       force=force)
 
 
-def _check_read_only(query: str, strict: bool = True) -> None:
-    """One statement, and one that cannot write (EXPLAIN ANALYZE runs its statement).
+# -- the tiny world --------------------------------------------------------------
+def world_build(size: str = "default", dest: str | Path | None = None, rebuild: bool = False,
+                log: bool = False) -> dict[str, Any]:
+    """Build (or reuse from the cache) a tiny world; copy it to ``dest`` if given.
 
-    DuckDB's parser (PostgreSQL's grammar) classifies it; with ``strict`` off
-    (a PostgreSQL catalog) a statement it cannot parse is left to the server's
-    READ ONLY transaction."""
-    try:
-        stmts = duckdb.extract_statements(query)
-    except duckdb.Error as exc:
-        if not strict:
-            return
-        raise MergePipeError(f"SQL error: {str(exc).splitlines()[0]}")
-    if not stmts:
-        raise MergePipeError("no SQL statement given")
-    if len(stmts) > 1:
-        raise MergePipeError("`mergepipe sql` runs one statement at a time")
-    kind = stmts[0].type.name
-    if kind not in _READ_ONLY_TYPES:
-        raise MergePipeError(f"`mergepipe sql` is read-only: {kind} statements are refused")
-    if kind == "PRAGMA":
-        m = _PRAGMA.match(stmts[0].query)
-        if not m or m.group(1).lower() not in _READ_PRAGMAS:
-            raise MergePipeError(f"`mergepipe sql` is read-only: PRAGMA "
-                                 f"{m.group(1) if m else ''} is refused (allowed: "
-                                 f"{', '.join(sorted(_READ_PRAGMAS))})")
-    if kind == "EXPLAIN":
-        m = _EXPLAIN.match(stmts[0].query)
-        inner = duckdb.extract_statements(m.group(1)) if m and m.group(1).strip() else []
-        if len(inner) != 1 or inner[0].type.name != "SELECT":
-            raise MergePipeError("`mergepipe sql` is read-only: EXPLAIN is allowed for SELECT "
-                                 "statements only")
+    Returns where it is (``dir``, ``cache``), whether it was ``built``, and the
+    build's timings in seconds."""
+    from mergepipe.world import copy_world, obtain_world
+    path, timings = obtain_world(size, log=log, rebuild=rebuild)
+    where = path
+    if dest:
+        copy_world(path, Path(dest))
+        where = Path(dest).resolve()
+    return {"size": size, "dir": str(where), "cache": str(path), "built": bool(timings),
+            **{k: round(v, 2) for k, v in timings.items()}}
 
 
-def run_sql(cat: Catalog, query: str, timeout: float = DEFAULT_SQL_TIMEOUT) -> list[dict[str, Any]]:
-    """Run one read-only statement over the catalog, interrupted after ``timeout`` seconds.
-
-    The statement is checked first (SELECT, describing PRAGMAs, EXPLAIN of a
-    SELECT). On DuckDB a handle opened read-only is also sandboxed (no file,
-    URL or extension access). On PostgreSQL it runs in a READ ONLY transaction
-    with a ``statement_timeout``, and server-file functions are refused; give
-    `--catalog` a role without superuser or pg_read_server_files for more.
-    """
-    if not (timeout > 0 and math.isfinite(timeout)):
-        raise MergePipeError(f"--timeout must be a positive number of seconds, got {timeout}")
-    _check_read_only(query, strict=cat.is_duckdb)
-    if not cat.is_duckdb and _PG_FILE_FUNCS.search(query):
-        raise MergePipeError("`mergepipe sql` does not call functions that reach server files")
-    if cat.is_duckdb:
-        if cat.read_only and not getattr(cat, "_sandboxed", False):
-            cat.sandbox()
-            cat._sandboxed = True  # type: ignore[attr-defined]
-    timer = None
-    if cat.is_duckdb:  # DuckDB has no statement timeout: interrupt from a timer thread
-        timer = threading.Timer(timeout, cat.conn.connection.dbapi_connection.interrupt)
-        timer.daemon = True
-    try:
-        with cat.conn.begin() as tx:
-            if not cat.is_duckdb:
-                cat.conn.execute(sa.text("SET TRANSACTION READ ONLY"))
-                cat.conn.execute(sa.text(f"SET LOCAL statement_timeout = {int(timeout * 1000)}"))
-            if timer is not None:
-                timer.start()
-            res = cat.conn.exec_driver_sql(query)
-            rows = [dict(r._mapping) for r in res] if res.returns_rows else []
-            tx.rollback()
-            return rows
-    except sa.exc.DBAPIError as exc:
-        msg = str(exc.orig).splitlines()[0] if exc.orig else str(exc)
-        if isinstance(exc.orig, duckdb.InterruptException) or "statement timeout" in msg:
-            raise MergePipeError(f"SQL query ran past the {timeout:g} s timeout and was "
-                                 f"stopped (--timeout to allow more)")
-        raise MergePipeError(f"SQL error: {msg}")
-    finally:
-        if timer is not None:
-            timer.cancel()
+# -- evaluation -----------------------------------------------------------------
+def evaluate(cat: Catalog, model: str, task: str | Path, limit: int | None = None,
+             backend: str = "transformers", device: str | None = "auto",
+             max_new_tokens: int = 128, batch_size: int = 64,
+             log: bool = False) -> tuple[dict[str, Any], EvalResult]:
+    """Score a model (name or folder) on a task (JSONL path or built-in world split)
+    and record the metrics in the catalog's evaluations table."""
+    from mergepipe.evaluate import evaluate_model
+    from mergepipe.world import resolve_task
+    t = resolve_task(task, log=log).head(limit)
+    row = resolve_model(cat, model)
+    res = evaluate_model(row["path"], t, device=device, max_new_tokens=max_new_tokens,
+                         backend=backend, batch_size=batch_size)
+    cat.record_evaluation(row["model_id"], res.task, res.metrics(), res.n, res.backend,
+                          split=res.split, wall_s=res.wall_s)
+    return row, res
 
 
-def lineage(cat: Catalog, name: str) -> list[dict[str, Any]]:
-    """Every ancestry edge of a model, nearest first.
+# -- search ---------------------------------------------------------------------
+def load_search_config(path: str | Path) -> SearchConfig:
+    from mergepipe.search.config import SearchConfig
+    return SearchConfig.from_yaml(path)
 
-    A breadth-first walk that visits each model once, so it ends on any
-    catalog, even one whose lineage loops (older versions could write that).
-    """
-    from mergepipe.catalog import schema
-    l, m, p = schema.lineage, schema.models, schema.plans
-    child_m, parent_m = m.alias("c"), m.alias("p")
-    start = cat.require_model(name)["model_id"]
-    seen, frontier, depth, out = {start}, [start], 1, []
-    while frontier:
-        rows = cat.rows(
-            sa.select(l.c.child_model_id, l.c.parent_model_id, child_m.c.name.label("child"),
-                      parent_m.c.name.label("parent"), l.c.role, l.c.weight, p.c.method,
-                      l.c.plan_id)
-            .join(child_m, child_m.c.model_id == l.c.child_model_id)
-            .join(parent_m, parent_m.c.model_id == l.c.parent_model_id)
-            .join(p, p.c.plan_id == l.c.plan_id)
-            .where(l.c.child_model_id.in_(frontier)))
-        rows.sort(key=lambda r: (r["child"], r["role"] or "", r["parent"]))
-        frontier = []
-        for r in rows:
-            out.append({"depth": depth, **{k: r[k] for k in ("child", "parent", "role", "weight",
-                                                              "method", "plan_id")}})
-            if r["parent_model_id"] not in seen:
-                seen.add(r["parent_model_id"])
-                frontier.append(r["parent_model_id"])
-        depth += 1
-    return out
+
+def start_search(cat: Catalog, config: str | Path | SearchConfig, home: str | Path | None = None,
+                 progress: bool = False, keep_all: bool = False,
+                 on_start: Callable[[str], None] | None = None, **kw: Any) -> dict[str, Any]:
+    """Run a search (a config file or object) to its end; returns its summary.
+
+    Checkpoints go under ``home``/searches (default: the workspace)."""
+    from mergepipe.search.coordinator import start_search as start
+    cfg = load_search_config(config) if isinstance(config, (str, Path)) else config
+    return start(cat, cfg, workspace_home(home), progress=progress, keep_all=keep_all,
+                 on_start=on_start, **kw)
+
+
+def resume_search(cat: Catalog, search_id: str, home: str | Path | None = None,
+                  progress: bool = False, **kw: Any) -> dict[str, Any]:
+    """Continue an interrupted search: finished trials are kept, in-flight ones re-run."""
+    from mergepipe.search.coordinator import resume_search as resume
+    return resume(cat, search_id, workspace_home(home), progress=progress, **kw)
+
+
+def search_status(cat: Catalog, search_id: str | None = None) -> list[dict[str, Any]]:
+    """Trials, hypervolume and utilisation of one search (or every search)."""
+    from mergepipe.search import trials
+    from mergepipe.search.report import summarise
+    ids = [search_id] if search_id else [r["search_id"] for r in trials.list_searches(cat)]
+    return [summarise(cat, i) for i in ids]
+
+
+def search_snapshots(home: str | Path | None = None,
+                     search_id: str | None = None) -> list[dict[str, Any]]:
+    """The status files running coordinators publish beside their checkpoints: what
+    `search status` shows while a running search holds the catalog."""
+    import json
+    out = []
+    for f in sorted((workspace_home(home) / "searches").glob("*/status.json")):
+        doc = json.loads(f.read_text())
+        if search_id is None or doc["search_id"].startswith(search_id):
+            out.append(doc)
+    return sorted(out, key=lambda d: str(d.get("created_at")))
+
+
+def search_front(cat: Catalog, search_id: str, materialize: bool = False,
+                 home: str | Path | None = None, plot: str | None = None,
+                 hv_plot: str | None = None) -> list[dict[str, Any]]:
+    """The Pareto set as named models (re-created on disk with ``materialize``);
+    optionally writes the Pareto and hypervolume-over-time plots (PNG)."""
+    from mergepipe.search.harvest import front_models, write_plots
+    rows = front_models(cat, search_id, materialize=materialize, home=workspace_home(home))
+    if plot or hv_plot:
+        write_plots(cat, search_id, plot, hv_plot)
+    return rows

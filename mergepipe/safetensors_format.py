@@ -9,38 +9,39 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from mergepipe.errors import BadCheckpointError
 
-# code -> (torch dtype, bytes per element); order = the official writer's dtype order
-DTYPES: dict[str, tuple[torch.dtype, int]] = {
-    "BOOL": (torch.bool, 1),
-    "U8": (torch.uint8, 1),
-    "I8": (torch.int8, 1),
-    "F8_E5M2": (torch.float8_e5m2, 1),
-    "F8_E4M3": (torch.float8_e4m3fn, 1),
-    "I16": (torch.int16, 2),
-    "U16": (torch.uint16, 2),
-    "F16": (torch.float16, 2),
-    "BF16": (torch.bfloat16, 2),
-    "I32": (torch.int32, 4),
-    "U32": (torch.uint32, 4),
-    "F32": (torch.float32, 4),
-    "F64": (torch.float64, 8),
-    "I64": (torch.int64, 8),
-    "U64": (torch.uint64, 8),
+if TYPE_CHECKING:
+    import torch
+
+# code -> (torch dtype name, bytes per element); order = the official writer's dtype order
+DTYPES: dict[str, tuple[str, int]] = {
+    "BOOL": ("bool", 1),
+    "U8": ("uint8", 1),
+    "I8": ("int8", 1),
+    "F8_E5M2": ("float8_e5m2", 1),
+    "F8_E4M3": ("float8_e4m3fn", 1),
+    "I16": ("int16", 2),
+    "U16": ("uint16", 2),
+    "F16": ("float16", 2),
+    "BF16": ("bfloat16", 2),
+    "I32": ("int32", 4),
+    "U32": ("uint32", 4),
+    "F32": ("float32", 4),
+    "F64": ("float64", 8),
+    "I64": ("int64", 8),
+    "U64": ("uint64", 8),
 }
 _DTYPE_RANK = {code: i for i, code in enumerate(DTYPES)}
-TORCH_TO_CODE = {v[0]: k for k, v in DTYPES.items()}
-NAME_TO_CODE = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64",
-                "fp32": "F32", "fp16": "F16", "bf16": "BF16"}
 FLOAT_CODES = {"F16", "BF16", "F32", "F64"}
+# what a spec or config may call a float dtype: torch names and their short forms
+NAME_TO_CODE = {**{DTYPES[c][0]: c for c in FLOAT_CODES},
+                "fp32": "F32", "fp16": "F16", "bf16": "BF16"}
 MAX_HEADER = 100_000_000
 
 
@@ -60,12 +61,18 @@ class TensorEntry:
 
     @property
     def rows(self) -> int:
-        """Leading dimension: a block is a contiguous range of rows."""
-        return self.shape[0] if self.shape else 1
+        return row_split(self.shape, self.nbytes)[0]
 
     @property
     def row_bytes(self) -> int:
-        return self.nbytes // self.rows if self.rows else 0
+        return row_split(self.shape, self.nbytes)[1]
+
+
+def row_split(shape: tuple[int, ...] | list[int], nbytes: int) -> tuple[int, int]:
+    """(rows, bytes per row) of a tensor: blocks are contiguous ranges of leading rows,
+    so a block of rows is one contiguous byte range (a scalar is one row)."""
+    rows = shape[0] if len(shape) else 1
+    return rows, (nbytes // rows if rows else 0)
 
 
 @dataclass(frozen=True)
@@ -82,7 +89,14 @@ def itemsize(code: str) -> int:
     return DTYPES[code][1]
 
 
-def torch_dtype(code: str) -> torch.dtype:
+def torch_dtype(code: str) -> "torch.dtype":
+    """The torch dtype of a code (torch is imported here, not at module load)."""
+    import torch
+    return getattr(torch, DTYPES[code][0])
+
+
+def dtype_name(code: str) -> str:
+    """'BF16' → 'bfloat16', as config.json's torch_dtype spells it."""
     return DTYPES[code][0]
 
 
@@ -188,12 +202,3 @@ def layout(specs: list[tuple[str, str, tuple[int, ...]]],
     raw = json.dumps(doc, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
     return struct.pack("<Q", len(raw)) + raw, offsets
-
-
-def fsync_dir(path: str | Path) -> None:
-    """Make a rename or file creation in a directory durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

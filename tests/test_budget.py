@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 
 from conftest import make_llama, write_spec
 from mergepipe import api
-from mergepipe.catalog.stats import analyze, load_block_stats
+from mergepipe.catalog.stats import load_block_stats
+from mergepipe.runs.analyze import analyze
 from mergepipe.errors import BudgetError
 from mergepipe.planner.bound import input_shares
 
@@ -167,3 +168,17 @@ def test_apply_with_budget_analyzes_on_demand_and_says_so(cli, family, tmp_path)
     assert json.loads(again.stdout)["bytes_read"] == 0
     shown = cli("explain", out["run_id"]).stdout
     assert "energy_kept" in shown and "within the budget" in shown
+
+
+def test_a_budget_without_a_unit_is_refused_naming_the_accepted_forms(cli, family, tmp_path):
+    spec = write_spec(tmp_path / "ta.yml", json.dumps(_spec(family, "task_arithmetic", [0.5, 0.5])))
+    before = cli.snapshot()
+    for bare in ("10", "1500000000", "2.5"):
+        res = cli("apply", spec, "--io-budget", bare, "--out", tmp_path / "out", ok=False)
+        assert res.exit_code != 0 and len(res.stderr.strip().splitlines()) == 1
+        assert res.stderr.startswith(f"error: I/O budget '{bare}' has no unit")
+        assert "10%" in res.stderr and "2GiB" in res.stderr and "1500000000B" in res.stderr
+        assert not (tmp_path / "out").exists()
+    assert cli.snapshot() == before
+    res = cli("plan", spec, "--io-budget", "1500000000B", "--json")
+    assert json.loads(res.stdout)["io_budget"] == 1500000000

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from mergepipe.errors import MergePipeError
-from mergepipe.evaluate import (TaskItem, evaluate_model, extract_answer, load_task, normalize,
-                                resolve_task)
+from mergepipe.evaluate import TaskItem, evaluate_model, extract_answer, load_task, normalize
+from mergepipe.world import resolve_task
 
 sys.path.insert(0, str(Path(__file__).parent))
 from world_fixtures import final_number, greedy_reference, built_test_world  # noqa: E402

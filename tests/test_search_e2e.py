@@ -174,11 +174,11 @@ def test_a_trial_that_fails_to_finish_leaves_no_evaluation_rows(tmp_path, world,
     """Evaluations and the DONE mark commit together: if marking the trial fails after its
     evaluations were written (as a kill there would), none of them may stay behind, or a
     resume would evaluate the same model a second time."""
-    from mergepipe.search import store
+    from mergepipe.search import trials
     from mergepipe.search.config import SearchConfig
     from mergepipe.search.coordinator import start_search
 
-    real = store.finish_trial
+    real = trials.finish_trial
 
     def fail_first_done(cat, search_id, trial, *, ok, **kw):
         if ok and trial == 0:

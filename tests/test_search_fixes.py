@@ -16,7 +16,7 @@ from mergepipe import api
 from mergepipe.catalog import schema
 from mergepipe.catalog.store import open_catalog
 from mergepipe.errors import MergePipeError
-from mergepipe.search import store
+from mergepipe.search import trials
 from mergepipe.search.objectives import Anchors, TaskAnchor
 from mergepipe.search.report import pareto_trials
 
@@ -43,13 +43,13 @@ def test_trials_the_base_dominates_are_off_the_front():
 def _search_with_rows(home: Path, world_task: Path, points: list[tuple[float, float]]) -> str:
     """A finished search in the catalog (rows only, no models): enough for `search pareto`."""
     with open_catalog(home) as cat:
-        sid = store.create_search(cat, "sobol", {"base": "b", "reasoning": "r",
+        sid = trials.create_search(cat, "sobol", {"base": "b", "reasoning": "r",
                                                  "tasks": [str(world_task)], "workers": 1})
-        store.update_search(cat, sid, status="FINISHED", anchors={
+        trials.update_search(cat, sid, status="FINISHED", anchors={
             "tasks": Anchors({str(world_task): TaskAnchor(0.34, 0.5, 5.0, 30.0)}).to_json()})
         for i, f in enumerate(points):
-            store.submit_trial(cat, sid, i, [0.1 * i], f"plan{i}", "s1.w0")
-            store.finish_trial(cat, sid, i, ok=True, objectives=f, started=1e9 + i,
+            trials.submit_trial(cat, sid, i, [0.1 * i], f"plan{i}", "s1.w0")
+            trials.finish_trial(cat, sid, i, ok=True, objectives=f, started=1e9 + i,
                                finished=1e9 + i + 0.5, accuracy=0.3, mean_tokens=5.0)
     return sid
 
@@ -70,9 +70,9 @@ def test_abort_run_refuses_a_committed_run_and_keeps_model_and_lineage(tiny_fami
             "models": [{"model": str(tiny_family["e1"]), "parameters": {"weight": 0.5}}],
             "dtype": "float32"}
     with open_catalog(tmp_path / "ws") as cat:
-        plan = api.build_plan(cat, spec)
+        plan, inserted = api.build_and_store(cat, spec)
         out = tmp_path / "merged"
-        ticket = api.begin_run(cat, plan, out, plan_inserted=getattr(plan, "stored_now", False))
+        ticket = api.begin_run(cat, plan, out, plan_inserted=inserted)
         report = api.execute_plan(plan, ticket.staging)
         res = api.finish_run(cat, plan, ticket, report, name="kept")
         with pytest.raises(MergePipeError, match="committed"):

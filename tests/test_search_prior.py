@@ -89,7 +89,7 @@ def test_parameter_prior_comes_from_block_statistics_when_analysed(tmp_path):
     """Before `analyze` there are no statistics (the prior reads the checkpoints); after it,
     the per-layer differences from the catalog equal those computed from the files."""
     from mergepipe import api
-    from mergepipe.catalog.stats import analyze
+    from mergepipe.runs.analyze import analyze
     from mergepipe.search.source_diff import param_diff_from_stats
     base, moved = _base_and_moved(tmp_path, 3, seed=2,
                                   scale=lambda name: 0.3 if ".layers.1." in name else 0.01)

@@ -15,7 +15,8 @@ from mergepipe import api
 from mergepipe.catalog import schema
 from mergepipe.catalog.store import open_catalog
 from mergepipe.errors import MergePipeError
-from mergepipe.search.resident import merge_in_memory, swap_weights
+from mergepipe.engine.memory import merge_in_memory
+from mergepipe.search.resident import swap_weights
 
 
 def _spec(fam: dict[str, Path], dtype: str) -> dict:

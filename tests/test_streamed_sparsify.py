@@ -132,7 +132,7 @@ def test_apply_records_the_phases_with_the_run(bf16_family, tmp_path):
     import json
 
     from mergepipe import api
-    from mergepipe.engine.transaction import MANIFEST
+    from mergepipe.runs.manifest import MANIFEST
 
     with api.open_catalog(tmp_path / "ws") as cat:
         plan = api.build_plan(cat, _spec("ties", bf16_family))

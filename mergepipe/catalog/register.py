@@ -10,7 +10,7 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
@@ -20,6 +20,7 @@ from mergepipe.catalog import schema
 from mergepipe.catalog.names import parse_tensor_name
 from mergepipe.catalog.store import Catalog, dumps, new_id, now
 from mergepipe.errors import BadCheckpointError, MergePipeError, StaleModelError
+from mergepipe.files import safe_relpath
 from mergepipe.safetensors_format import Header, read_header
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -47,14 +48,6 @@ class ScannedModel:
     headers: dict[str, Header]              # relpath -> header
     side_files: dict[str, str]              # relpath -> role
     config: dict[str, Any] | None
-
-
-def safe_relpath(rel: object) -> bool:
-    """A shard name that stays inside its model folder: relative, no '..'."""
-    if not isinstance(rel, str) or not rel or "\\" in rel or "\x00" in rel:
-        return False
-    p = PurePosixPath(rel)
-    return not p.is_absolute() and ".." not in p.parts and p.as_posix() == rel.rstrip("/")
 
 
 def weight_files(path: Path) -> list[str]:

@@ -22,7 +22,11 @@ from sqlalchemy.engine import Connection, Engine
 from mergepipe.catalog import schema
 from mergepipe.errors import CatalogLockedError, MergePipeError
 
-DEFAULT_HOME = Path(os.environ.get("MERGEPIPE_HOME", "~/.mergepipe")).expanduser()
+def workspace_home(home: str | Path | None = None) -> Path:
+    """The workspace directory: ``home``, else $MERGEPIPE_HOME, else ~/.mergepipe.
+
+    It holds the DuckDB catalog, search checkpoints and the demo's output."""
+    return Path(home or os.environ.get("MERGEPIPE_HOME") or "~/.mergepipe").expanduser().resolve()
 
 
 def now() -> dt.datetime:
@@ -42,10 +46,9 @@ def catalog_url(home: str | Path | None = None, url: str | None = None) -> str:
             if importlib.util.find_spec("psycopg") is None and importlib.util.find_spec("psycopg2"):
                 url = "postgresql+psycopg2://" + url[len("postgresql://"):]
         return url
-    home_dir = Path(home).expanduser() if home else Path(
-        os.environ.get("MERGEPIPE_HOME", str(DEFAULT_HOME))).expanduser()
+    home_dir = workspace_home(home)
     home_dir.mkdir(parents=True, exist_ok=True)
-    return f"duckdb:///{home_dir.resolve() / 'catalog.duckdb'}"
+    return f"duckdb:///{home_dir / 'catalog.duckdb'}"
 
 
 _LOCK_PID = re.compile(r"PID (\d+)")

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import click
 
+from mergepipe import api
 from mergepipe.cli import cli
-from mergepipe.cli.common import echo_json, human_bytes, stderr_progress
+from mergepipe.cli.common import echo_json, stderr_progress
+from mergepipe.text import human_bytes
 
 
 @cli.command()
@@ -23,15 +25,9 @@ def analyze(ws, experts: tuple[str, ...], base: str, block_size: str, force: boo
     are current are skipped; a model whose files changed is re-registered and
     re-analysed.
     """
-    from mergepipe.catalog.stats import analyze as analyze_stats  # torch: only when used
-    from mergepipe.planner.build import resolve_model
-    from mergepipe.planner.spec import parse_size
-    block_bytes = parse_size(block_size, "block size")
     with ws.open() as cat:
-        base_row = resolve_model(cat, base)
-        rows = [resolve_model(cat, e) for e in experts]
-        rep = analyze_stats(cat, rows, base_row, block_bytes=block_bytes,
-                            progress=stderr_progress(), force=force)
+        rep = api.analyze(cat, list(experts), base, block_size=block_size,
+                          progress=stderr_progress(), force=force)
     if as_json:
         echo_json(rep.__dict__)
         return

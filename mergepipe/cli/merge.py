@@ -1,18 +1,13 @@
 """Core commands: register, models, plan, explain, apply, lineage, sql, verify, recover."""
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import click
-import sqlalchemy as sa
 
 from mergepipe import api
-from mergepipe.catalog import schema
 from mergepipe.cli import cli
-from mergepipe.cli.common import echo_json, format_rows, human_bytes, stderr_progress, table
+from mergepipe.cli.common import echo_json, stderr_progress, table
 from mergepipe.errors import MergePipeError
-from mergepipe.planner.explain import explain_rows, summary
+from mergepipe.text import format_rows, human_bytes
 
 
 @cli.command()
@@ -49,11 +44,8 @@ def register(ws, path: str, name: str | None, as_json: bool) -> None:
 @click.pass_obj
 def models(ws, fmt: str) -> None:
     """List registered and merged models."""
-    t = schema.models
     with ws.open() as cat:
-        rows = cat.rows(sa.select(t.c.name, t.c.kind, t.c.architecture, t.c.num_layers,
-                                  t.c.num_params, t.c.total_bytes, t.c.path, t.c.created_at)
-                        .order_by(t.c.created_at))
+        rows = api.models(cat)
     if fmt == "table":
         for r in rows:
             r["total_bytes"] = human_bytes(r["total_bytes"])
@@ -69,18 +61,8 @@ seed_option = click.option("--seed", type=int, help="Seed for stochastic methods
 
 
 def _print_summary(plan) -> None:
-    s = summary(plan)
-    click.echo(f"plan {plan.plan_id}")
-    srcs = ", ".join(f"{x['name']}:{x['role']}" for x in s["sources"])
-    click.echo(f"  method     {s['method']}  ({srcs})")
-    click.echo(f"  tensors    {s['tensors']} in {len(s['shards'])} shard(s)")
-    e = s["est_bytes"]
-    click.echo(f"  reads      base {human_bytes(e['base'])}, experts {human_bytes(e['experts'])} "
-               f"of {human_bytes(s['full_expert_bytes'])}")
-    click.echo(f"  writes     {human_bytes(e['out'])}")
-    if s["io_budget"] is not None:
-        click.echo(f"  budget     {human_bytes(s['io_budget'])}; error bound "
-                   f"{s['error_bound']:.4g} ({s['error_bound_kind']})")
+    for line in api.plan_lines(plan):
+        click.echo(line)
 
 
 @cli.command()
@@ -100,7 +82,7 @@ def plan(ws, spec: str, io_budget: str | None, seed: int | None, no_analyze: boo
         p = api.build_plan(cat, spec, io_budget=io_budget, seed=seed, analyze=not no_analyze,
                            progress=stderr_progress())
     if as_json:
-        echo_json(summary(p))
+        echo_json(api.plan_summary(p))
     else:
         _print_summary(p)
 
@@ -112,38 +94,18 @@ def plan(ws, spec: str, io_budget: str | None, seed: int | None, no_analyze: boo
 def explain(ws, plan_or_run: str, fmt: str) -> None:
     """Show a plan's reads per layer and model (PLAN_ID, or RUN_ID to compare with the run)."""
     with ws.open() as cat:
-        runs = cat.rows(sa.select(schema.runs).where(schema.runs.c.run_id.like(f"{plan_or_run}%")))
-        run = runs[0] if len(runs) == 1 else None
-        p = api.load_plan(cat, run["plan_id"] if run else plan_or_run)
-        extra = _explain_extra(cat, p, run)
-    rows = explain_rows(p)
+        ex = api.explain(cat, plan_or_run)
+    rows = ex["rows"]
     if fmt != "table":
         click.echo(format_rows(rows, fmt))
         return
-    _print_summary(p)
+    for line in ex["lines"]:
+        click.echo(line)
     for r in rows:
         r["read"], r["skipped"] = human_bytes(r["read"]), human_bytes(r["skipped"])
     table(rows)
-    for line in extra:
+    for line in ex["extra_lines"]:
         click.echo(line)
-
-
-def _explain_extra(cat, p, run) -> list[str]:
-    """Hook for richer explanations (budget shares, estimates vs realised)."""
-    try:
-        from mergepipe.planner.budget import explain_extra
-    except ImportError:
-        explain_extra = None
-    lines = []
-    if run:
-        est = p.est_bytes()
-        lines.append(f"run {run['run_id']} {run['status']}: read base {human_bytes(run['bytes_read_base'])}"
-                     f" (est {human_bytes(est['base'])}), experts {human_bytes(run['bytes_read_experts'])}"
-                     f" (est {human_bytes(est['experts'])}), wrote {human_bytes(run['bytes_written'])}"
-                     f", {run['wall_s'] or 0:.2f} s, peak RSS {human_bytes(run['peak_rss'])}")
-    if explain_extra is not None:
-        lines += explain_extra(cat, p, run)
-    return lines
 
 
 @cli.command()
@@ -178,12 +140,13 @@ def apply(ws, spec: str | None, plan_id: str | None, out: str, name: str | None,
     with ws.open() as cat:
         api.check_output(cat, out, overwrite, name, existing_ok=True)  # before planning
         if plan_id:
-            p = api.load_plan(cat, plan_id)
+            p, inserted = api.load_plan(cat, plan_id), False
         else:
-            p = api.build_plan(cat, spec, io_budget=io_budget, seed=seed, analyze=not no_analyze,
-                               progress=stderr_progress())
+            p, inserted = api.build_and_store(cat, spec, io_budget=io_budget, seed=seed,
+                                              analyze=not no_analyze, progress=stderr_progress())
         result = api.apply_plan(cat, p, out, name=name, overwrite=overwrite, device=device,
-                                allow_nonfinite=allow_nonfinite, progress=stderr_progress())
+                                allow_nonfinite=allow_nonfinite, progress=stderr_progress(),
+                                plan_inserted=inserted)
     if as_json:
         echo_json(result.to_json())
         return

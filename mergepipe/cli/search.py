@@ -1,24 +1,17 @@
 """`mergepipe search …`: run, watch, resume and harvest AP-BMM and baseline searches."""
 from __future__ import annotations
 
-import json
-import os
-from pathlib import Path
 from typing import Any
 
 import click
 
-from mergepipe.catalog.store import DEFAULT_HOME
+from mergepipe import api
 from mergepipe.cli import cli
 from mergepipe.cli.common import echo_json, stderr_progress, table
 from mergepipe.errors import CatalogLockedError
 
 FINAL_FIELDS = ("search_id", "algorithm", "status", "trials", "hypervolume", "utilisation",
                 "wall_s", "pareto", "failed")
-
-
-def workspace_home(ws: Any) -> Path:
-    return Path(ws.home or os.environ.get("MERGEPIPE_HOME") or DEFAULT_HOME).expanduser()
 
 
 def _final(summary: dict[str, Any], as_json: bool) -> None:
@@ -48,16 +41,13 @@ def run_cmd(ws, config: str, as_json: bool, keep_all: bool) -> None:
     run is interrupted). Merged checkpoints off the Pareto front are deleted as the
     search goes unless --keep-all.
     """
-    from mergepipe.search.config import SearchConfig
-    from mergepipe.search.coordinator import SearchRun
-    from mergepipe.search import store
-    cfg = SearchConfig.from_yaml(config)
-    cfg.keep_all = cfg.keep_all or keep_all
+    cfg = api.load_search_config(config)
     with ws.open() as cat:
-        sid = store.create_search(cat, cfg.algorithm, cfg.to_json())
-        click.echo(sid if not as_json else f"search {sid} started", err=as_json)
-        summary = SearchRun(cat, sid, workspace_home(ws), progress=stderr_progress(),
-                            lines=not stderr_progress()).run()
+        summary = api.start_search(
+            cat, cfg, ws.home_dir, progress=stderr_progress(), keep_all=keep_all,
+            lines=not stderr_progress(),
+            on_start=lambda sid: click.echo(sid if not as_json else f"search {sid} started",
+                                            err=as_json))
     _final(summary, as_json)
 
 
@@ -67,21 +57,10 @@ def run_cmd(ws, config: str, as_json: bool, keep_all: bool) -> None:
 @click.pass_obj
 def resume_cmd(ws, search_id: str, as_json: bool) -> None:
     """Continue an interrupted search: finished trials are kept, in-flight ones re-run."""
-    from mergepipe.search.coordinator import resume_search
     with ws.open() as cat:
-        summary = resume_search(cat, search_id, workspace_home(ws), progress=stderr_progress(),
-                                lines=not stderr_progress())
+        summary = api.resume_search(cat, search_id, ws.home_dir, progress=stderr_progress(),
+                                    lines=not stderr_progress())
     _final(summary, as_json)
-
-
-def _snapshots(home: Path, search_id: str | None) -> list[dict[str, Any]]:
-    """Status files a running coordinator keeps beside its checkpoints."""
-    out = []
-    for f in sorted((home / "searches").glob("*/status.json")):
-        doc = json.loads(f.read_text())
-        if search_id is None or doc["search_id"].startswith(search_id):
-            out.append(doc)
-    return sorted(out, key=lambda d: str(d.get("created_at")))
 
 
 @search.command("status")
@@ -90,15 +69,12 @@ def _snapshots(home: Path, search_id: str | None) -> list[dict[str, Any]]:
 @click.pass_obj
 def status_cmd(ws, search_id: str | None, as_json: bool) -> None:
     """Trials, hypervolume and utilisation of one search (or all, oldest first)."""
-    from mergepipe.search import store
-    from mergepipe.search.report import summarise
     try:
         with ws.open(read_only=True) as cat:
-            ids = [search_id] if search_id else [r["search_id"] for r in store.list_searches(cat)]
-            rows = [summarise(cat, i) for i in ids]
+            rows = api.search_status(cat, search_id)
     except CatalogLockedError:
         # A running search holds the catalog; read the status it publishes instead.
-        rows = _snapshots(workspace_home(ws), search_id)
+        rows = api.search_snapshots(ws.home_dir, search_id)
         if not rows:
             raise
     if as_json:
@@ -121,11 +97,9 @@ def status_cmd(ws, search_id: str | None, as_json: bool) -> None:
 def pareto_cmd(ws, search_id: str, plot: str | None, hv_plot: str | None, materialize: bool,
                as_json: bool) -> None:
     """The Pareto set as named models, with lineage and evaluations."""
-    from mergepipe.search.harvest import front_models, write_plots
     with ws.open() as cat:
-        rows = front_models(cat, search_id, materialize=materialize, home=workspace_home(ws))
-        if plot or hv_plot:
-            write_plots(cat, search_id, plot, hv_plot)
+        rows = api.search_front(cat, search_id, materialize=materialize, home=ws.home_dir,
+                                plot=plot, hv_plot=hv_plot)
     if as_json:
         for r in rows:
             echo_json(r)

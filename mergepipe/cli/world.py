@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import click
 
+from mergepipe import api
 from mergepipe.cli import cli
 from mergepipe.cli.common import echo_json, table
-from mergepipe.errors import MergePipeError
 
 
 @cli.group()
@@ -31,18 +30,12 @@ def world_build(size: str, dest: str | None, rebuild: bool, as_json: bool) -> No
     so the cache under ~/.cache/mergepipe/world ($MERGEPIPE_CACHE) is keyed by
     the recipe and reused.
     """
-    from mergepipe.world import copy_world, obtain_world
-    path, timings = obtain_world(size, log=not as_json, rebuild=rebuild)
-    where = path
-    if dest:
-        copy_world(path, Path(dest))
-        where = Path(dest).resolve()
-    out = {"size": size, "dir": str(where), "cache": str(path), "built": bool(timings),
-           **{k: round(v, 2) for k, v in timings.items()}}
+    out = api.world_build(size, dest, rebuild=rebuild, log=not as_json)
     if as_json:
         echo_json(out)
         return
-    how = f"built in {timings['total_s']:.1f}s" if timings else "reused from cache"
+    where = Path(out["dir"])
+    how = f"built in {out['total_s']:.1f}s" if out["built"] else "reused from cache"
     click.echo(f"world {size} {how}: {where}")
     for name in ("base", "reasoning", "train.jsonl", "test.jsonl"):
         click.echo(f"  {where / name}")
@@ -70,15 +63,10 @@ def eval_cmd(ws, model: str, task: str, limit: int | None, backend: str, device:
     generated tokens including EOS. Results go to the catalog's evaluations
     table (see `mergepipe sql "SELECT * FROM evaluations_view"`).
     """
-    from mergepipe import api
-    from mergepipe.evaluate import evaluate_model, resolve_task
-    t = resolve_task(task, log=not as_json).head(limit)
     with ws.open() as cat:
-        row = api.resolve_model(cat, model)
-        res = evaluate_model(row["path"], t, device=device, max_new_tokens=max_new_tokens,
-                             backend=backend, batch_size=batch_size)
-        cat.record_evaluation(row["model_id"], res.task, res.metrics(), res.n, res.backend,
-                              split=res.split, wall_s=res.wall_s)
+        row, res = api.evaluate(cat, model, task, limit=limit, backend=backend, device=device,
+                                max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                log=not as_json)
     out = {"model": row["name"], **res.summary()}
     if as_json:
         echo_json(out)
@@ -102,5 +90,5 @@ def demo(ws, size: str, device: str) -> None:
     applies a layer-wise task-arithmetic merge, evaluates all three on the
     held-out split, and shows the merged model's lineage with SQL.
     """
-    from mergepipe.world.demo import run_demo
-    run_demo(ws, size=size, device=device, echo=click.echo)
+    from mergepipe.demo import run_demo
+    run_demo(ws.home, ws.catalog_url, size=size, device=device, echo=click.echo)

@@ -1,7 +1,7 @@
 """Execute a Plan into a directory: read blocks, merge in float32, stream out.
 
 This module knows nothing about the catalog, so a worker process can run it;
-transactions (staging, manifest, commit) are in :mod:`mergepipe.engine.transaction`.
+transactions (staging, manifest, commit) are in :mod:`mergepipe.runs`.
 Peak memory: for block-scope methods and for tensor-scope methods that
 stream (TIES, DARE, breadcrumbs, DELLA: statistics passes over row blocks,
 then a merge pass) a few blocks per input; for the other tensor-scope methods
@@ -29,10 +29,9 @@ from mergepipe.engine.writer import ShardWriter
 from mergepipe.engine.faults import crash_point
 from mergepipe.methods.base import TensorContext, drops_base_equal_inputs, get_method
 from mergepipe.planner.plan import Plan, Read, TensorTask
-from mergepipe.safetensors_format import itemsize, torch_dtype
+from mergepipe.safetensors_format import FLOAT_CODES, dtype_name, itemsize, torch_dtype
 
 DEFAULT_BLOCK_BYTES = 4 << 20
-_CONFIG_DTYPE = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
 
 
 @dataclass
@@ -153,7 +152,7 @@ class _Prefetcher:
     def __init__(self, tasks: list[TensorTask], reader: BlockReader):
         self.tasks, self.reader = tasks, reader
         self.next = 0
-        self.cost = [sum(r.bytes_to_read(r.nbytes // t.rows if t.rows else 0)
+        self.cost = [sum(r.bytes_to_read(t.row_bytes(r))
                          for r in self._reads(t)) for t in tasks]
 
     @staticmethod
@@ -274,11 +273,11 @@ def copy_side_files(plan: Plan, out_dir: Path, out_dtype: str | None) -> None:
     for rel in plan.copy_files:
         target = out_dir / rel
         target.parent.mkdir(parents=True, exist_ok=True)
-        if rel == "config.json" and (out_dtype in _CONFIG_DTYPE or plan.config_updates):
+        if rel == "config.json" and (out_dtype in FLOAT_CODES or plan.config_updates):
             cfg = json.loads((Path(src.path) / rel).read_text())
             for key in ("torch_dtype", "dtype"):
-                if out_dtype in _CONFIG_DTYPE and (key in cfg or key == "torch_dtype"):
-                    cfg[key] = _CONFIG_DTYPE[out_dtype]
+                if out_dtype in FLOAT_CODES and (key in cfg or key == "torch_dtype"):
+                    cfg[key] = dtype_name(out_dtype)
             cfg.update(plan.config_updates)  # e.g. a frankenmerge's layer count
             target.write_text(json.dumps(cfg, indent=2) + "\n")
         else:

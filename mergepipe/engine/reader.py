@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
-from mergepipe.catalog.register import safe_relpath
 from mergepipe.errors import BadCheckpointError, MergePipeError, StaleModelError
 from mergepipe.planner.plan import Read, Source
-from mergepipe.safetensors_format import torch_dtype
+from mergepipe.files import safe_relpath
+from mergepipe.safetensors_format import row_split, torch_dtype
 
 
 class BlockReader:
@@ -95,8 +95,7 @@ class BlockReader:
     def rows(self, read: Read, shape: tuple[int, ...], a: int, b: int, tensor: str,
              device: torch.device | str = "cpu") -> torch.Tensor:
         """Rows [a, b) of a tensor as float32 on ``device``."""
-        n_rows = shape[0] if shape else 1
-        row_bytes = read.nbytes // n_rows if n_rows else 0
+        row_bytes = row_split(shape, read.nbytes)[1]
         buf = self.raw(read, a * row_bytes, (b - a) * row_bytes, tensor)
         return self._to_float(buf, read, (b - a, *shape[1:]) if shape else (), tensor, device)
 
@@ -122,8 +121,7 @@ class BlockReader:
         if read.alias_base or read.rows == []:
             return
         fd = self._fd(read.src, read.file)
-        n_rows = shape[0] if shape else 1
-        row_bytes = read.nbytes // n_rows if n_rows else 0
+        row_bytes = row_split(shape, read.nbytes)[1]
         ranges = [(0, read.nbytes)] if read.rows is None else \
             [(a * row_bytes, (b - a) * row_bytes) for a, b in read.rows]
         for start, length in ranges:

@@ -15,13 +15,20 @@ from mergepipe.errors import MergePipeError
 from mergepipe.evaluate.backend import Generation
 
 
+def silence_transformers() -> None:
+    """No progress bars or warnings from transformers from now on in this process
+    (worker processes: many per-load bars would drown the search's own)."""
+    from transformers.utils import logging as hf_logging
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
 @contextmanager
 def quiet_transformers() -> Iterator[None]:
     """No progress bars or warnings from transformers while loading/saving tiny models."""
     from transformers.utils import logging as hf_logging
     verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
+    silence_transformers()
     try:
         yield
     finally:

@@ -6,10 +6,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mergepipe.evaluate.answers import extract_answer, normalize
-from mergepipe.evaluate.backend import Backend, load_backend
-from mergepipe.evaluate.tasks import Task, load_task, resolve_task
+from mergepipe.errors import MergePipeError
+from mergepipe.evaluate.backend import Backend
+from mergepipe.evaluate.tasks import Task, load_task
 
 DEFAULT_MAX_NEW_TOKENS = 128
+
+
+BACKENDS = ("transformers", "vllm")
+
+
+def load_backend(name: str, model_path: str, device: str | None = None,
+                 batch_size: int = 64) -> Backend:
+    """Instantiate a backend by name for one model directory."""
+    if name == "transformers":
+        from mergepipe.evaluate.hf import TransformersBackend
+        return TransformersBackend(model_path, device=device, batch_size=batch_size)
+    if name == "vllm":
+        from mergepipe.evaluate.vllm import VLLMBackend
+        return VLLMBackend(model_path)
+    raise MergePipeError(f"unknown evaluation backend {name!r}; choose one of {', '.join(BACKENDS)}")
 
 
 @dataclass
@@ -54,9 +70,10 @@ def run_task(backend: Backend, task: Task, max_new_tokens: int = DEFAULT_MAX_NEW
 def evaluate_model(model_dir: str | Path, task: str | Path | Task, limit: int | None = None,
                    device: str | None = None, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
                    backend: str = "transformers", batch_size: int = 64) -> EvalResult:
-    """Load `model_dir` with `backend` and score it on `task` (a Task, path or name)."""
+    """Load `model_dir` with `backend` and score it on `task` (a Task or a JSONL path;
+    built-in world names resolve through :func:`mergepipe.world.resolve_task`)."""
     if not isinstance(task, Task):
-        task = load_task(task) if Path(str(task)).suffix == ".jsonl" else resolve_task(task)
+        task = load_task(task)
     task = task.head(limit)
     be = load_backend(backend, str(model_dir), device=device, batch_size=batch_size)
     return run_task(be, task, max_new_tokens)

@@ -82,22 +82,3 @@ def load_task(path: str | Path, name: str | None = None, split: str | None = Non
         raise MergePipeError(f"task file {path} is empty (expected JSON lines with "
                              f"{' and '.join(REQUIRED)})")
     return Task(name or str(path.resolve()), path.resolve(), tuple(items), split)
-
-
-BUILTIN_HELP = "world[-SIZE][:SPLIT], e.g. world, world:train, world-test"
-
-
-def resolve_task(spec: str | Path, log: bool = False) -> Task:
-    """A JSONL path, or a built-in name for a world split (built on first use)."""
-    text = str(spec)
-    path = Path(text)
-    if path.suffix == ".jsonl" or path.exists() or "/" in text:
-        return load_task(path, split=path.stem if path.stem in ("train", "test") else None)
-    base, _, split = text.partition(":")
-    split = split or "test"
-    if not base.startswith("world") or split not in ("train", "test"):
-        raise MergePipeError(f"unknown task {text!r}: give a .jsonl file or {BUILTIN_HELP}")
-    size = base[len("world-"):] if base.startswith("world-") else "default"
-    from mergepipe.world import ensure_world
-    world = ensure_world(size, log=log)
-    return load_task(world / f"{split}.jsonl", name=f"world-{size}", split=split)

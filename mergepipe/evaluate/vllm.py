@@ -27,7 +27,7 @@ def _on_cpu() -> bool:
 
 def _load_plan_in_worker(worker: Any, plan: Any) -> int:
     """Runs inside vLLM's worker: merge ``plan`` in memory and load it into the live model."""
-    from mergepipe.search.resident import merge_in_memory
+    from mergepipe.engine.memory import merge_in_memory
     tensors = merge_in_memory(plan)
     # in place, through vLLM's reload path: it redoes the post-load processing (on CPU
     # the linear weights are repacked after loading, so a plain load_weights cannot)

@@ -69,9 +69,6 @@ class MergeMethod:
     # returns a Streamer (see below) whose passes over row blocks give fn's bytes
     stream: Callable[[TensorContext, dict[str, Any], int], "Streamer"] | None = None
 
-    def scope_for(self, params: dict[str, Any]) -> str:
-        return self.scope
-
 
 class Streamer(Protocol):
     """A tensor merged in row blocks: statistics passes first, then the merge pass.

@@ -142,7 +142,7 @@ def input_shares(plan: Plan, stats: dict[tuple[str, str], list[Block]]) -> tuple
             bl = stats.get((plan.sources[src].model_id, t.name), [])
             bound_entries.append((coef, r, bl))
             nbytes = r.nbytes if r is not None else (t.base.nbytes if t.base else 0)
-            read = r.bytes_to_read(nbytes // t.rows if t.rows else 0) if r is not None else 0
+            read = r.bytes_to_read(t.row_bytes(r)) if r is not None else 0
             kept = miss = 0.0
             for x in bl:
                 e = (coef * x["delta_l2"]) ** 2

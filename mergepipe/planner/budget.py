@@ -15,42 +15,47 @@ its output is byte-identical to the exact merge.
 from __future__ import annotations
 
 import math
-import sys
 from collections import defaultdict
 from fractions import Fraction
-from typing import Any, Callable
+from typing import Any
 
 from mergepipe.catalog.register import check_fresh
-from mergepipe.catalog.stats import analyze as analyze_stats
 from mergepipe.catalog.stats import load_block_stats, missing_stats
 from mergepipe.catalog.store import Catalog
 from mergepipe.errors import BudgetError, MergePipeError
 from mergepipe.methods.base import MergeMethod, drops_base_equal_inputs, get_method
 from mergepipe.planner.bound import coefficients, input_shares
-from mergepipe.planner.plan import Plan, Read, Source
+from mergepipe.planner.plan import Plan, Source
+from mergepipe.planner.resolve import resolve_model
+from mergepipe.planner.spec import parse_size, parse_spec
+from mergepipe.planner.tasks import tensor_read
 
 
-def _stderr(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+BUDGET_FORMS = "10% (of the full expert reads), 2GiB, 500MB or 1500000000B"
 
 
 def resolve_budget(value: str | int | float, full: int) -> int:
-    """Bytes from '2GiB', 2000000 or '10%' (of the full expert reads); refuses < 0."""
-    from mergepipe.planner.spec import parse_size
+    """Bytes from '2GiB', '1500000000B', '10%' (of the full expert reads) or an int
+    (library calls); refuses < 0, and a string without a unit: on a command line
+    `--io-budget 10` is too easily meant as 10% to be taken as 10 bytes."""
     if isinstance(value, bool):
         raise BudgetError(f"cannot read I/O budget {value!r}")
     text = str(value).strip()
+    if isinstance(value, str) and text.lstrip("+-").replace(".", "", 1).replace("_", "").isdigit():
+        raise BudgetError(f"I/O budget {value!r} has no unit; write it as {BUDGET_FORMS}")
     if text.endswith("%"):
         try:
             pct = Fraction(text[:-1].strip())
         except (ValueError, ZeroDivisionError):
-            raise BudgetError(f"cannot read I/O budget {value!r} (examples: 10%, 2GiB, 500MB)")
+            raise BudgetError(f"cannot read I/O budget {value!r}; write it as {BUDGET_FORMS}")
         n = math.floor(full * pct / 100)
     else:
         try:
             n = parse_size(value, "I/O budget")
         except MergePipeError as exc:
-            raise BudgetError(str(exc))
+            msg = str(exc)
+            raise BudgetError(msg if not msg.startswith("cannot read") else
+                              f"cannot read I/O budget {value!r}; write it as {BUDGET_FORMS}")
     if n < 0:
         raise BudgetError(f"I/O budget {value!r} is below zero; no plan can read less than "
                           f"nothing (use 0 to read no expert bytes at all)")
@@ -63,11 +68,10 @@ def attach_base(cat: Catalog, plan: Plan) -> dict[str, Any]:
     Unread blocks are filled from the base, so budget mode needs one even for
     linear merges; an expert that *is* the base then aliases it and costs nothing.
     """
-    from mergepipe.planner.build import resolve_model
     b = plan.base_source()
     if b is not None:
         return cat.require_model(plan.sources[b].model_id)
-    ref = plan.spec.get("base_model")
+    ref = parse_spec(plan.spec).base
     if not ref:
         raise BudgetError(f"an I/O budget needs a base model (unread expert blocks are taken "
                           f"from it); add base_model to the {plan.method} spec")
@@ -82,9 +86,7 @@ def attach_base(cat: Catalog, plan: Plan) -> dict[str, Any]:
         if bt is None or bt["dtype"] != (t.inputs[0].dtype if t.inputs else bt["dtype"]):
             raise BudgetError(f"base model {base['name']!r} has no tensor {t.name!r} matching "
                               f"the experts' dtype")
-        t.base = Read(src=bi, file=bt["file"], offset=bt["byte_offset"],
-                      nbytes=bt["byte_length"], dtype=bt["dtype"],
-                      content_hash=bt["content_hash"])
+        t.base = tensor_read(bi, bt)
         if t.scope == "copy":
             t.inputs, t.input_keys = [], []
         for r in t.inputs:
@@ -131,7 +133,7 @@ def _units(plan: Plan, stats: dict[tuple[str, str], list[dict[str, Any]]]) -> li
                 raise BudgetError(f"block statistics of {src.key!r} do not cover tensor "
                                   f"{t.name!r}; run `mergepipe analyze {src.key} --base "
                                   f"{plan.sources[b].key}` again")
-            row_bytes = r.nbytes // t.rows if t.rows else 0
+            row_bytes = t.row_bytes(r)
             for x in blocks:
                 n = (x["row_end"] - x["row_start"]) * row_bytes
                 score = (coefs[i] * x["delta_l2"]) ** 2 / n if n else 0.0
@@ -180,23 +182,27 @@ def _drop_unread(plan: Plan, method: MergeMethod) -> None:
         t.skipped = t.skipped + list(unread)
 
 
-def apply_budget(cat: Catalog, plan: Plan, io_budget: str | int, analyze: bool = True,
-                 progress: bool = False,
-                 notify: Callable[[str], None] | None = _stderr) -> Plan:
-    """Turn an exact plan into one that reads at most ``io_budget`` expert bytes."""
+def budget_models(cat: Catalog, plan: Plan) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The base (attached to the plan if the method ignores it) and the experts whose
+    block statistics a budget over this plan needs."""
+    return attach_base(cat, plan), _expert_models(cat, plan)
+
+
+def apply_budget(cat: Catalog, plan: Plan, io_budget: str | int) -> Plan:
+    """Turn an exact plan into one that reads at most ``io_budget`` expert bytes.
+
+    The experts' block statistics against the base must be in the catalog
+    (an analyze run stores them)."""
     method = get_method(plan.method)
-    base = attach_base(cat, plan)
+    base, experts = budget_models(cat, plan)
     full = plan.full_expert_bytes()
     budget = resolve_budget(io_budget, full)
-    experts = _expert_models(cat, plan)
     missing = missing_stats(cat, experts, base)
     if missing:
         names = " ".join(e["name"] for e in missing)
-        if not analyze:
-            raise BudgetError(f"no block statistics for {names} against {base['name']}; run "
-                              f"`mergepipe analyze {names} --base {base['name']}` first "
-                              f"(or plan without --no-analyze)")
-        analyze_stats(cat, missing, base, progress=progress, refresh=False, notify=notify)
+        raise BudgetError(f"no block statistics for {names} against {base['name']}; run "
+                          f"`mergepipe analyze {names} --base {base['name']}` first "
+                          f"(or plan without --no-analyze)")
     stats = load_block_stats(cat, [e["model_id"] for e in experts], base["model_id"])
     units = _units(plan, stats)
     if budget < full:
@@ -211,10 +217,3 @@ def apply_budget(cat: Catalog, plan: Plan, io_budget: str | int, analyze: bool =
     plan.error_bound = math.sqrt(sum(x * x for x in bounds))
     plan.error_bound_kind = method.bound_kind
     return plan.finalize()
-
-
-def explain_extra(cat: Catalog, plan: Plan, run: dict[str, Any] | None) -> list[str]:
-    """Budget shares per layer and expert, the bound, and the calibrated time estimate."""
-    from mergepipe.planner.budget_report import report_lines
-    return report_lines(cat, plan, run)
-

@@ -16,10 +16,10 @@ from mergepipe.planner.bound import input_shares
 from mergepipe.planner.cost import fit_cost_model
 from mergepipe.planner.explain import layer_label
 from mergepipe.planner.plan import Plan
+from mergepipe.text import format_rows, human_bytes
 
 
 def _time_lines(cat: Catalog, plan: Plan, run: dict[str, Any] | None) -> list[str]:
-    from mergepipe.cli.common import human_bytes
     model = fit_cost_model(cat)
     if model is None:
         return ["time estimate: no committed runs in this catalog to calibrate the cost model yet"]
@@ -65,7 +65,6 @@ def budget_rows(cat: Catalog, plan: Plan) -> tuple[list[dict[str, Any]], dict[An
 
 
 def report_lines(cat: Catalog, plan: Plan, run: dict[str, Any] | None) -> list[str]:
-    from mergepipe.cli.common import format_rows, human_bytes
     lines = _time_lines(cat, plan, run)
     if plan.io_budget is None:
         return lines

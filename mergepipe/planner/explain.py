@@ -5,6 +5,7 @@ from collections import defaultdict
 from typing import Any
 
 from mergepipe.planner.plan import Plan
+from mergepipe.text import human_bytes
 
 
 def layer_label(layer: int | None) -> str:
@@ -19,8 +20,7 @@ def explain_rows(plan: Plan) -> list[dict[str, Any]]:
         reads = ([t.base] if t.base else []) + t.inputs
         for r in reads:
             key = (t.layer, plan.sources[r.src].key)
-            row_bytes = r.nbytes // t.rows if t.rows else 0
-            n = r.bytes_to_read(row_bytes)
+            n = r.bytes_to_read(t.row_bytes(r))
             acc[key]["tensors"] += 1
             acc[key]["read"] += n
             acc[key]["skipped"] += r.nbytes - n
@@ -51,3 +51,34 @@ def summary(plan: Plan) -> dict[str, Any]:
         "error_bound_kind": plan.error_bound_kind,
         "seed": plan.seed,
     }
+
+
+def summary_lines(plan: Plan) -> list[str]:
+    """The plan summary as a person reads it: what is merged, read and written."""
+    s = summary(plan)
+    srcs = ", ".join(f"{x['name']}:{x['role']}" for x in s["sources"])
+    e = s["est_bytes"]
+    lines = [f"plan {plan.plan_id}",
+             f"  method     {s['method']}  ({srcs})",
+             f"  tensors    {s['tensors']} in {len(s['shards'])} shard(s)",
+             f"  reads      base {human_bytes(e['base'])}, experts {human_bytes(e['experts'])} "
+             f"of {human_bytes(s['full_expert_bytes'])}",
+             f"  writes     {human_bytes(e['out'])}"]
+    if s["io_budget"] is not None:
+        lines.append(f"  budget     {human_bytes(s['io_budget'])}; error bound "
+                     f"{s['error_bound']:.4g} ({s['error_bound_kind']})")
+    return lines
+
+
+def run_lines(plan: Plan, run: dict[str, Any], phases: dict[str, float]) -> list[str]:
+    """A run against its plan: realised reads beside the estimates, time, memory and
+    where the engine's seconds went (``phases``, from the run's manifest)."""
+    est = plan.est_bytes()
+    lines = [f"run {run['run_id']} {run['status']}: read base "
+             f"{human_bytes(run['bytes_read_base'])} (est {human_bytes(est['base'])}), experts "
+             f"{human_bytes(run['bytes_read_experts'])} (est {human_bytes(est['experts'])}), "
+             f"wrote {human_bytes(run['bytes_written'])}, {run['wall_s'] or 0:.2f} s, "
+             f"peak RSS {human_bytes(run['peak_rss'])}"]
+    if phases:
+        lines.append("phases (s): " + ", ".join(f"{k} {v:.2f}" for k, v in phases.items()))
+    return lines

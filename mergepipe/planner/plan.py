@@ -14,6 +14,8 @@ from typing import Any
 
 import zstandard
 
+from mergepipe.safetensors_format import itemsize, row_split
+
 PLAN_FORMAT = 1
 
 
@@ -67,7 +69,11 @@ class TensorTask:
 
     @property
     def rows(self) -> int:
-        return self.shape[0] if self.shape else 1
+        return row_split(self.shape, 0)[0]
+
+    def row_bytes(self, read: Read) -> int:
+        """Bytes per row of one of this tensor's inputs (inputs may differ in dtype)."""
+        return row_split(self.shape, read.nbytes)[1]
 
     @property
     def numel(self) -> int:
@@ -146,9 +152,8 @@ class Plan:
     def bytes_by_source(self) -> dict[int, int]:
         out = {i: 0 for i in range(len(self.sources))}
         for t in self.tasks:
-            row_bytes = (t.base or t.inputs[0]).nbytes // t.rows if t.rows else 0
             for r in ([t.base] if t.base else []) + t.inputs:
-                out[r.src] += r.bytes_to_read(r.nbytes // t.rows if t.rows else row_bytes)
+                out[r.src] += r.bytes_to_read(t.row_bytes(r))
         return out
 
     def est_bytes(self) -> dict[str, int]:
@@ -157,7 +162,6 @@ class Plan:
         b = self.base_source()
         base = by_src.get(b, 0) if b is not None else 0
         experts = sum(v for i, v in by_src.items() if i != b)
-        from mergepipe.safetensors_format import itemsize
         out = sum(t.numel * itemsize(t.out_dtype) for t in self.tasks)
         return {"base": base, "experts": experts, "out": out}
 

@@ -18,9 +18,10 @@ from mergepipe.catalog.names import LAYER_PATTERN
 from mergepipe.catalog.register import check_fresh
 from mergepipe.catalog.store import Catalog
 from mergepipe.errors import MergePipeError, SpecError
-from mergepipe.planner.build import (InputRef, _tensor_map, assign_shards, check_settings,
-                                     input_tensor, make_task, out_dtype_code, resolve_model,
-                                     side_files, split_base)
+from mergepipe.planner.resolve import resolve_model
+from mergepipe.planner.tasks import (InputRef, assign_shards, check_settings, input_tensor,
+                                     make_task, out_dtype_code, side_files, split_base,
+                                     tensor_map)
 from mergepipe.planner.params import gradient_t
 from mergepipe.planner.plan import Plan, Source, TensorTask
 from mergepipe.planner.spec import MergeSpec, SliceSource, SliceSpec
@@ -100,7 +101,7 @@ class SlicePlanner:
 
     def tensors(self, model_id: str) -> dict[str, dict[str, Any]]:
         if model_id not in self._maps:
-            self._maps[model_id] = _tensor_map(self.cat, model_id)
+            self._maps[model_id] = tensor_map(self.cat, model_id)
         return self._maps[model_id]
 
     def _task(self, sl: _Slice, out_name: str, layout: dict[str, Any], layer: int | None,

@@ -11,7 +11,7 @@ from typing import Any
 
 from mergepipe.catalog.store import Catalog
 from mergepipe.errors import MergePipeError
-from mergepipe.search import store
+from mergepipe.search import trials
 from mergepipe.search.config import SearchConfig
 from mergepipe.search.jobs import EvaluateJob, TaskRef
 from mergepipe.search.objectives import Anchors, TaskAnchor
@@ -90,7 +90,7 @@ def ensure_anchors(cat: Catalog, search_id: str, row: dict[str, Any], base: dict
         warnings.warn(f"reasoning model is not more accurate than the base on "
                       f"{', '.join(inverted)}: the normalised accuracy objective is inverted "
                       f"there (evaluate more problems or check the sources)", stacklevel=2)
-    store.update_search(cat, search_id, anchors={
+    trials.update_search(cat, search_id, anchors={
         "tasks": anchors.to_json(), "inverted_tasks": inverted,
         "models": {"base": base["model_id"], "reasoning": reasoning["model_id"]}})
     return anchors

@@ -8,7 +8,7 @@ from typing import Any
 import yaml
 
 from mergepipe.errors import MergePipeError
-from mergepipe.evaluate.backend import BACKENDS
+from mergepipe.evaluate.runner import BACKENDS
 from mergepipe.search.algorithms import ALGORITHMS
 
 EVALUATORS = ("checkpoint", "resident")

@@ -21,10 +21,12 @@ from typing import Any, Callable
 import torch
 from tqdm import tqdm
 
-from mergepipe import api
 from mergepipe.catalog.store import Catalog, now
-from mergepipe.engine.transaction import committed_result
-from mergepipe.search import store
+from mergepipe.planner.resolve import resolve_model
+from mergepipe.runs.apply import build_and_store, finish_run
+from mergepipe.runs.recovery import recover
+from mergepipe.runs.transaction import abort_run, begin_run, committed_result
+from mergepipe.search import trials
 from mergepipe.search.algorithms import Algorithm, make_algorithm
 from mergepipe.search.anchors import ensure_anchors, task_refs
 from mergepipe.search.config import SearchConfig
@@ -58,7 +60,7 @@ class SearchRun:
                  keep_all: bool | None = None, lines: bool = False,
                  pool_factory: Callable[[int, str], WorkerPool] | None = None):
         self.cat = cat
-        row = store.get_search(cat, search_id)
+        row = trials.get_search(cat, search_id)
         self.sid = row["search_id"]
         self.row = row
         self.cfg = SearchConfig.from_dict(row["config"])
@@ -85,8 +87,8 @@ class SearchRun:
 
     def _setup(self, pool: WorkerPool) -> None:
         cfg = self.cfg
-        self.base = api.resolve_model(self.cat, cfg.base)
-        self.reasoning = api.resolve_model(self.cat, cfg.reasoning)
+        self.base = resolve_model(self.cat, cfg.base)
+        self.reasoning = resolve_model(self.cat, cfg.reasoning)
         layers = int(self.base["num_layers"] or 0)
         if layers < 1:
             raise RuntimeError(f"model {self.base['name']} has no transformer layers indexed")
@@ -105,8 +107,8 @@ class SearchRun:
     # -- the loop ---------------------------------------------------------
     def run(self) -> dict[str, Any]:
         torch.set_num_threads(1)  # the workers need the cores more than the GP does
-        api.recover(self.cat)     # settle runs a killed session left PENDING
-        rows = store.trials(self.cat, self.sid)
+        recover(self.cat)     # settle runs a killed session left PENDING
+        rows = trials.list_trials(self.cat, self.sid)
         session = self._session(rows)
         pool = self.pool_factory(self.cfg.workers, f"{session}.w")
         try:
@@ -115,21 +117,21 @@ class SearchRun:
         except BaseException:
             for trial, inf in self.inflight.items():
                 if inf.ticket is not None:
-                    api.abort_run(self.cat, inf.ticket)
+                    abort_run(self.cat, inf.ticket)
             self.inflight.clear()
             raise
         finally:
             pool.close()
-        store.update_search(self.cat, self.sid, status="FINISHED", finished_at=now())
+        trials.update_search(self.cat, self.sid, status="FINISHED", finished_at=now())
         summary = summarise(self.cat, self.sid)
         write_snapshot(self.root, summary)
         return summary
 
     def _loop(self, pool: WorkerPool) -> None:
         """Hand out work first, record afterwards, and let the proposer run beside both."""
-        rows = store.trials(self.cat, self.sid)
-        requeue = deque((r["trial"], r["x"]) for r in store.interrupted_trials(self.cat, self.sid))
-        finished = [r for r in rows if r["status"] in store.FINISHED]
+        rows = trials.list_trials(self.cat, self.sid)
+        requeue = deque((r["trial"], r["x"]) for r in trials.interrupted_trials(self.cat, self.sid))
+        finished = [r for r in rows if r["status"] in trials.FINISHED]
         self.next_trial = max([r["trial"] for r in rows], default=-1) + 1
         self.X = [r["x"] for r in finished]
         self.Y = [[r["f_acc"], r["f_cost"]] for r in finished]
@@ -234,7 +236,7 @@ class SearchRun:
     # -- one trial --------------------------------------------------------
     def _dispatch(self, pool: WorkerPool, trial: int, x: list[float], worker: str) -> None:
         spec = self.alg.spec(x, self.base["name"], self.reasoning["name"])
-        plan = api.build_plan(self.cat, spec, io_budget=self.cfg.io_budget)
+        plan, inserted = build_and_store(self.cat, spec, io_budget=self.cfg.io_budget)
         out = self.root / f"t{trial:04d}"
         stretch = stretch_factor(self.cfg.seed, trial, self.cfg.stretch_alpha)
         existing = None if self.cfg.evaluator == "resident" else committed_result(self.cat, plan)
@@ -248,13 +250,12 @@ class SearchRun:
         else:
             if out.exists():  # an uncommitted leftover (e.g. collected garbage); start clean
                 shutil.rmtree(out)
-            ticket = api.begin_run(self.cat, plan, out,
-                                   plan_inserted=getattr(plan, "stored_now", False),
-                                   device=self.cfg.device)
+            ticket = begin_run(self.cat, plan, out, plan_inserted=inserted,
+                               device=self.cfg.device)
             inf = InFlight(list(x), plan, ticket)
             job = MergeEvaluateJob(plan, ticket.staging, self.tasks, self.cfg.device, stretch,
                                    self.cfg.backend)
-        store.submit_trial(self.cat, self.sid, trial, x, plan.plan_id, worker)
+        trials.submit_trial(self.cat, self.sid, trial, x, plan.plan_id, worker)
         self.inflight[trial] = inf
         pool.submit(worker, trial, job)
 
@@ -264,7 +265,7 @@ class SearchRun:
         if r.ok:
             try:
                 if inf.ticket is not None:
-                    res = api.finish_run(self.cat, inf.plan, inf.ticket, r.value["report"],
+                    res = finish_run(self.cat, inf.plan, inf.ticket, r.value["report"],
                                          name=f"search-{self.sid[:8]}-t{r.trial:03d}")
                     inf.ticket, model_id = None, res.model_id  # committed: never undone
                 metrics = r.value["metrics"]
@@ -279,21 +280,21 @@ class SearchRun:
                         self.cat.record_evaluation(model_id, task, {
                             "accuracy": m["accuracy"], "mean_tokens": m["mean_tokens"]},
                             n=m["n"], backend=m["backend"], split="test", wall_s=m["wall_s"])
-                    store.finish_trial(
+                    trials.finish_trial(
                         self.cat, self.sid, r.trial, ok=True, objectives=f, started=r.started,
                         finished=r.finished, model_id=model_id,
                         accuracy=sum(m["accuracy"] for m in metrics.values()) / k,
                         mean_tokens=sum(m["mean_tokens"] for m in metrics.values()) / k)
                 self.X.append(inf.x)
                 self.Y.append(list(f))
-                self._collect_garbage(store.trials(self.cat, self.sid))
+                self._collect_garbage(trials.list_trials(self.cat, self.sid))
                 return
             except Exception as exc:  # commit or scoring failed: the trial fails, search goes on
                 error = f"{type(exc).__name__}: {exc}"
         if inf.ticket is not None:  # only a run that never committed is rolled back
-            api.abort_run(self.cat, inf.ticket)
+            abort_run(self.cat, inf.ticket)
         # a model committed before the failure stays, with its lineage, and the trial names it
-        store.finish_trial(self.cat, self.sid, r.trial, ok=False, objectives=REF_POINT,
+        trials.finish_trial(self.cat, self.sid, r.trial, ok=False, objectives=REF_POINT,
                            started=r.started, finished=r.finished, model_id=model_id,
                            error=(error or "")[:4000])
         self.failed.add(r.trial)
@@ -333,18 +334,23 @@ def write_snapshot(root: Path, summary: dict[str, Any]) -> None:
 
 
 def start_search(cat: Catalog, cfg: SearchConfig, home: Path, progress: bool = False,
-                 keep_all: bool = False, **kw: Any) -> dict[str, Any]:
-    """Create the search row and run it to the end; returns the summary."""
+                 keep_all: bool = False, on_start: Callable[[str], None] | None = None,
+                 **kw: Any) -> dict[str, Any]:
+    """Create the search row and run it to the end; returns the summary.
+
+    ``on_start`` gets the search id before the first trial (to resume it by)."""
     cfg.keep_all = keep_all or cfg.keep_all
-    sid = store.create_search(cat, cfg.algorithm, cfg.to_json())
+    sid = trials.create_search(cat, cfg.algorithm, cfg.to_json())
+    if on_start is not None:
+        on_start(sid)
     return SearchRun(cat, sid, home, progress=progress, **kw).run()
 
 
 def resume_search(cat: Catalog, search_id: str, home: Path, progress: bool = False,
                   **kw: Any) -> dict[str, Any]:
     """Continue a search from its catalog rows; a finished search just reports."""
-    row = store.get_search(cat, search_id)
+    row = trials.get_search(cat, search_id)
     if row["status"] == "FINISHED":
         return summarise(cat, row["search_id"])
-    store.update_search(cat, row["search_id"], status="RUNNING")
+    trials.update_search(cat, row["search_id"], status="RUNNING")
     return SearchRun(cat, row["search_id"], home, progress=progress, **kw).run()

@@ -7,10 +7,11 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from mergepipe import api
 from mergepipe.catalog import schema
 from mergepipe.catalog.store import Catalog
-from mergepipe.search import store
+from mergepipe.planner.records import load_plan
+from mergepipe.runs.apply import apply_plan
+from mergepipe.search import trials
 from mergepipe.search.plots import hypervolume_plot, pareto_plot, series_from_trials
 from mergepipe.search.report import finished_points, pareto_trials, source_points
 
@@ -50,13 +51,13 @@ def front_models(cat: Catalog, search_id: str, materialize: bool = False,
     or never written because a resident evaluator scored it in memory) is written
     through the normal transactional apply of the trial's own plan.
     """
-    s = store.get_search(cat, search_id)
+    s = trials.get_search(cat, search_id)
     out = []
-    for t in pareto_trials(store.trials(cat, s["search_id"]), source_points(s)):
+    for t in pareto_trials(trials.list_trials(cat, s["search_id"]), source_points(s)):
         model = _model_of(cat, t)
         path = Path(model["path"]) if model else None
         if materialize and not (path and path.exists()):
-            plan = api.load_plan(cat, t["plan_id"])
+            plan = load_plan(cat, t["plan_id"])
             if path is None:
                 from mergepipe.search.config import SearchConfig
                 from mergepipe.search.coordinator import search_root
@@ -65,7 +66,7 @@ def front_models(cat: Catalog, search_id: str, materialize: bool = False,
                 path = root / f"t{t['trial']:04d}"
             name = (model["name"] + "-m" if model
                     else f"search-{s['search_id'][:8]}-t{t['trial']:03d}")
-            res = api.apply_plan(cat, plan, path, name=name, overwrite=True)
+            res = apply_plan(cat, plan, path, name=name, overwrite=True)
             model = cat.model_by_id(res.model_id)
             path = Path(model["path"])
         lineage = _lineage(cat, model["model_id"]) if model else []
@@ -82,8 +83,8 @@ def front_models(cat: Catalog, search_id: str, materialize: bool = False,
 
 def write_plots(cat: Catalog, search_id: str, pareto_png: str | None,
                 hv_png: str | None) -> None:
-    s = store.get_search(cat, search_id)
-    rows = store.trials(cat, s["search_id"])
+    s = trials.get_search(cat, search_id)
+    rows = trials.list_trials(cat, s["search_id"])
     pts = finished_points(rows)
     title = f"{s['algorithm']} · search {s['search_id'][:8]} · {len(pts)} trials"
     if pareto_png:

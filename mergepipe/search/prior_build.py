@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from mergepipe.catalog.store import Catalog
-from mergepipe.search import store
+from mergepipe.search import trials
 from mergepipe.search.config import SearchConfig
 from mergepipe.search.prior import LayerPrior, lengthscales_from_importance
 from mergepipe.search.source_diff import (activation_diff, describe_probe,
@@ -43,5 +43,5 @@ def ensure_prior(cat: Catalog, search_id: str, row: dict[str, Any], base: dict[s
     if row.get("prior"):
         return row["prior"]
     doc = measure_prior(cat, base, reasoning, space, cfg)
-    store.update_search(cat, search_id, prior=doc)
+    trials.update_search(cat, search_id, prior=doc)
     return doc

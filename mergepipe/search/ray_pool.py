@@ -25,8 +25,8 @@ class _Evaluator:
         os.environ.setdefault("OMP_NUM_THREADS", "1")
         import torch
         torch.set_num_threads(1)
-        from mergepipe.search.workers import _quiet_transformers
-        _quiet_transformers()
+        from mergepipe.evaluate.hf import silence_transformers
+        silence_transformers()
         self.name = name
 
     def run(self, trial: int, job: Job) -> TrialResult:

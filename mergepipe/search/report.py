@@ -10,7 +10,7 @@ from collections import defaultdict
 from typing import Any, Sequence
 
 from mergepipe.catalog.store import Catalog
-from mergepipe.search import store
+from mergepipe.search import trials
 from mergepipe.search.objectives import REF_POINT, Anchors, hypervolume, pareto_mask
 
 
@@ -23,7 +23,7 @@ def timing(rows: list[dict[str, Any]], workers: int) -> dict[str, float]:
     spans: dict[str, list[Any]] = defaultdict(list)
     busy = 0.0
     for r in rows:
-        if r["status"] in store.FINISHED and r["started_at"] and r["finished_at"]:
+        if r["status"] in trials.FINISHED and r["started_at"] and r["finished_at"]:
             busy += (r["finished_at"] - r["started_at"]).total_seconds()
             spans[session_of(r["worker"])].append((r["submitted_at"] or r["started_at"],
                                                    r["finished_at"]))
@@ -35,7 +35,7 @@ def timing(rows: list[dict[str, Any]], workers: int) -> dict[str, float]:
 
 def finished_points(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Finished trials in finishing order (failed ones sit at the reference point)."""
-    done = [r for r in rows if r["status"] in store.FINISHED and r["f_acc"] is not None]
+    done = [r for r in rows if r["status"] in trials.FINISHED and r["f_acc"] is not None]
     return sorted(done, key=lambda r: (r["finished_at"], r["trial"]))
 
 
@@ -62,8 +62,8 @@ def pareto_trials(rows: list[dict[str, Any]],
 
 def summarise(cat: Catalog, search_id: str) -> dict[str, Any]:
     """The fields `search status --json` and `search run --json` print."""
-    s = store.get_search(cat, search_id)
-    rows = store.trials(cat, s["search_id"])
+    s = trials.get_search(cat, search_id)
+    rows = trials.list_trials(cat, s["search_id"])
     pts = finished_points(rows)
     counts = defaultdict(int)
     for r in rows:

@@ -3,7 +3,7 @@
 Writing each candidate as a checkpoint and loading it into a fresh model costs
 a full write, a full read and an engine start per trial. A resident worker
 loads the base model once and, per candidate, runs the plan through the same
-per-tensor merge code as `apply` (:func:`mergepipe.engine.execute.merge_task`)
+per-tensor merge code as `apply` (:func:`mergepipe.engine.memory.merge_in_memory`)
 into memory instead of a shard file, then copies the tensors into the live
 model's parameters. The bytes are those `apply` would write (same method, same
 output dtype), so `search pareto --materialize` reproduces exactly the model
@@ -17,44 +17,9 @@ from typing import Any
 
 import torch
 
-from mergepipe.engine.execute import DEFAULT_BLOCK_BYTES, merge_task
-from mergepipe.engine.reader import BlockReader
+from mergepipe.engine.memory import merge_in_memory
 from mergepipe.errors import MergePipeError
 from mergepipe.planner.plan import Plan
-from mergepipe.safetensors_format import torch_dtype
-
-
-class _MemoryWriter:
-    """Takes what the engine would stream into a shard, straight into one tensor per name."""
-
-    def __init__(self, plan: Plan) -> None:
-        self.tensors = {t.name: torch.empty(t.shape, dtype=torch_dtype(t.out_dtype))
-                        for t in plan.tasks}
-        self._filled = {name: 0 for name in self.tensors}
-
-    def write(self, name: str, data: Any) -> None:
-        flat = self.tensors[name].view(-1).view(torch.uint8)
-        start = self._filled[name]
-        chunk = torch.frombuffer(data, dtype=torch.uint8) if len(data) else flat[:0]
-        flat[start:start + chunk.numel()] = chunk
-        self._filled[name] = start + chunk.numel()
-
-
-def merge_in_memory(plan: Plan, device: str = "cpu",
-                    block_bytes: int = DEFAULT_BLOCK_BYTES) -> dict[str, torch.Tensor]:
-    """Every output tensor of ``plan``, in its output dtype, byte-equal to `apply`'s."""
-    reader = BlockReader(plan.sources)
-    writer = _MemoryWriter(plan)
-    try:
-        for task in plan.tasks:
-            merge_task(task, plan, reader, writer, device, block_bytes)  # type: ignore[arg-type]
-    finally:
-        reader.close()
-    short = [n for n, t in writer.tensors.items()
-             if writer._filled[n] != t.numel() * t.element_size()]
-    if short:
-        raise MergePipeError(f"the merge produced too few bytes for {short[0]}")
-    return writer.tensors
 
 
 def swap_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> int:
@@ -89,7 +54,7 @@ def resident_engine(backend: str, model_dir: str, device: str) -> Any:
     """This process's engine for (backend, model, device), started on first use."""
     key = (backend, model_dir, device)
     if key not in _ENGINES:
-        from mergepipe.evaluate.backend import load_backend
+        from mergepipe.evaluate.runner import load_backend
         _ENGINES[key] = load_backend(backend, model_dir, device=device)
     return _ENGINES[key]
 

@@ -23,6 +23,7 @@ from safetensors import safe_open
 from mergepipe.catalog import schema
 from mergepipe.catalog.names import parse_tensor_name
 from mergepipe.catalog.store import Catalog
+from mergepipe.evaluate.hf import silence_transformers
 from mergepipe.errors import MergePipeError
 
 PerLayer = tuple[list[float], float]   # (one value per layer, the head's value)
@@ -103,8 +104,7 @@ def prompt_digest(prompts: Sequence[str]) -> list[str]:
 @torch.no_grad()
 def _last_token_states(model_dir: Path, prompts: Sequence[str]) -> list[torch.Tensor]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-    hf_logging.disable_progress_bar()
+    silence_transformers()
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
     model.eval()

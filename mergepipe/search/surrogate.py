@@ -51,9 +51,3 @@ def fit_surrogate(X: torch.Tensor, Y: torch.Tensor,
             pass
     model.eval()
     return model
-
-
-def fitted_lengthscales(model: ModelListGP) -> list[list[float]]:
-    """Each objective's ARD lengthscales after fitting (for logs and tests)."""
-    return [m.covar_module.base_kernel.lengthscale.detach().reshape(-1).tolist()
-            for m in model.models]

@@ -60,7 +60,8 @@ def _worker_main(name: str, inbox: "mp.Queue[Any]", outbox: "mp.Queue[Any]",
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     import torch  # imported here so the parent's thread settings don't leak in
     torch.set_num_threads(1)
-    _quiet_transformers()
+    from mergepipe.evaluate.hf import silence_transformers
+    silence_transformers()
     _warm_imports(warm)
     parent = os.getppid()
     while True:
@@ -81,16 +82,6 @@ def _worker_main(name: str, inbox: "mp.Queue[Any]", outbox: "mp.Queue[Any]",
             tb = traceback.format_exc(limit=3)
             outbox.put(TrialResult(trial, name, False, {}, f"{type(exc).__name__}: {exc}\n{tb}",
                                    started, time.time()))
-
-
-def _quiet_transformers() -> None:
-    """Per-load progress bars from many workers would drown the search's own bar."""
-    try:
-        from transformers.utils import logging as hf_logging
-        hf_logging.disable_progress_bar()
-        hf_logging.set_verbosity_error()
-    except ImportError:
-        pass
 
 
 WARM_MODULES = ("mergepipe.engine.execute", "mergepipe.evaluate")

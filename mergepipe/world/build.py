@@ -23,6 +23,7 @@ from typing import Iterator
 import torch
 
 from mergepipe.evaluate.hf import quiet_transformers
+from mergepipe.files import pid_alive
 from mergepipe.world.problems import Problem, sample, write_jsonl
 from mergepipe.world.recipe import WorldRecipe, recipe_for
 from mergepipe.world.tokenizer import build_tokenizer
@@ -87,18 +88,8 @@ def _remove_dead_stagings(out: Path) -> None:
     """Staging directories left by killed builds (their pid is gone)."""
     for stale in out.parent.glob(out.name + ".staging-*"):
         pid = stale.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not pid_alive(int(pid)):
             shutil.rmtree(stale, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def build_world(recipe: WorldRecipe, out: Path, log: bool = False) -> dict:

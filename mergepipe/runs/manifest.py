@@ -1,22 +1,88 @@
-"""After a crash: finish or undo interrupted runs, and check outputs against manifests."""
+"""The manifest: what a commit wrote, written before the output is renamed into place.
+
+It lists every file (weight shards by size and header hash, side files by
+sha256) and every tensor's blake2b hash, so `verify` can tell a complete,
+untouched output from a damaged one, and `recover` can finish recording a
+commit whose catalog transaction a crash cut off.
+"""
 from __future__ import annotations
 
 import json
-import shutil
+import os
+import platform
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-import sqlalchemy as sa
-
-from mergepipe.catalog import schema
 from mergepipe.catalog.register import hash_tensors, scan
-from mergepipe.catalog.store import Catalog, now
+from mergepipe.catalog.store import now
 from mergepipe.engine.execute import ExecReport
-from mergepipe.engine.transaction import (MANIFEST, RunTicket, file_sha256, record_commit,
-                                          staging_path, trash_path)
 from mergepipe.errors import MergePipeError
-from mergepipe.planner.build import load_plan
+from mergepipe.files import file_sha256, fsync_dir
+from mergepipe.planner.plan import Plan
 from mergepipe.safetensors_format import read_header
+
+MANIFEST = "mergepipe_manifest.json"
+
+
+def read_manifest(out: Path) -> dict[str, Any]:
+    """The manifest of an output folder, or {} when it is missing or unreadable."""
+    try:
+        doc = json.loads((out / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
+def describe_files(folder: Path, weights: dict[str, int]) -> dict[str, Any]:
+    """Manifest entries for everything in an output besides the tensors' data:
+    each side file (index, config, tokenizer, card) with its size and sha256,
+    and the sha256 of each weight shard's header."""
+    side: dict[str, dict[str, Any]] = {}
+    for p in sorted(folder.rglob("*")):
+        rel = p.relative_to(folder).as_posix()
+        if p.is_dir() or rel == MANIFEST or rel in weights:
+            continue
+        side[rel] = {"size": p.stat().st_size, "sha256": file_sha256(p)}
+    headers = {rel: file_sha256(folder / rel, read_header(folder / rel).data_start)
+               for rel in weights}
+    return {"side_files": side, "headers": headers}
+
+
+def write_manifest(staging: Path, plan: Plan, run_id: str, name: str | None,
+                   report: ExecReport) -> None:
+    """Write and fsync the manifest (and the side files) in the staging folder."""
+    import safetensors
+    import torch
+
+    import mergepipe
+    doc = {
+        "format": 2,
+        "plan_id": plan.plan_id,
+        "run_id": run_id,
+        "name": name,
+        "method": plan.method,
+        "inputs": [{"name": s.key, "model_id": s.model_id, "path": s.path,
+                    "fingerprint": s.fingerprint, "role": s.role} for s in plan.sources],
+        "files": report.files,
+        **describe_files(staging, report.files),
+        "tensor_hash": "blake2b-128",
+        "tensors": report.tensor_hashes,
+        "phases": report.phases,
+        "versions": {"mergepipe": mergepipe.__version__, "torch": torch.__version__,
+                     "safetensors": safetensors.__version__, "python": platform.python_version()},
+        "created_at": now().isoformat(),
+    }
+    path = staging / MANIFEST
+    with open(path, "w") as f:
+        json.dump(doc, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    for p in staging.rglob("*"):
+        if p.is_file() and p.name != MANIFEST and not p.name.endswith(".safetensors"):
+            with open(p, "rb") as fh:  # side files were copied without fsync
+                os.fsync(fh.fileno())
+    fsync_dir(staging)
 
 
 @dataclass
@@ -89,66 +155,3 @@ def _header_sha256(f: Path) -> str | None:
         return None
 
 
-@dataclass
-class RecoverReport:
-    rolled_back: list[str] = field(default_factory=list)
-    completed: list[str] = field(default_factory=list)
-    removed_dirs: list[str] = field(default_factory=list)
-
-
-def recover(cat: Catalog) -> RecoverReport:
-    """Resolve every PENDING run: complete it if its output landed intact, else undo it."""
-    report = RecoverReport()
-    runs = cat.rows(sa.select(schema.runs).where(schema.runs.c.status == "PENDING"))
-    for run in runs:
-        if _alive_here(run):
-            continue  # a live process (e.g. a search coordinator) still owns it
-        out = Path(run["out_path"])
-        # only the folders this run itself names are ever removed, whatever the row says
-        staging, trash = staging_path(out, run["run_id"]), trash_path(out, run["run_id"])
-        manifest = _manifest(out)
-        landed = manifest.get("run_id") == run["run_id"]
-        if landed and verify_dir(out).ok:
-            plan = load_plan(cat, run["plan_id"])
-            rep = ExecReport(plan.plan_id, {}, 0, 0, sum(manifest["files"].values()), 0.0, 0,
-                             manifest["tensors"], manifest["files"])
-            ticket = RunTicket(run["run_id"], plan.plan_id, str(out), str(staging),
-                               name=manifest.get("name"))
-            record_commit(cat, plan, ticket, rep, None)
-            report.completed.append(run["run_id"])
-        else:
-            if landed:  # present but corrupt: take it away rather than leave a bad model
-                shutil.rmtree(out)
-                report.removed_dirs.append(str(out))
-            if trash.exists() and not out.exists():
-                trash.rename(out)  # an --overwrite that died mid-swap: restore the old one
-            cat.execute(schema.runs.update().where(schema.runs.c.run_id == run["run_id"]).values(
-                status="ROLLED_BACK", finished_at=now(), error="interrupted; rolled back"))
-            report.rolled_back.append(run["run_id"])
-        for d in (staging, trash):
-            if d.exists():
-                shutil.rmtree(d)
-                report.removed_dirs.append(str(d))
-    return report
-
-
-def _manifest(out: Path) -> dict:
-    try:
-        doc = json.loads((out / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return {}
-    return doc if isinstance(doc, dict) else {}
-
-
-def _alive_here(run: dict) -> bool:
-    import os
-    import socket
-    if run.get("host") != socket.gethostname() or not run.get("pid") or run["pid"] == os.getpid():
-        return False
-    try:
-        os.kill(run["pid"], 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

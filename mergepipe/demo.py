@@ -6,25 +6,22 @@ user's script or the search layer makes; the CLI command is a thin wrapper.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any, Callable
 
 from mergepipe import api
-from mergepipe.catalog.store import Catalog
-from mergepipe.cli.common import format_rows
-from mergepipe.evaluate import evaluate_model, load_task
-from mergepipe.world.build import ensure_world
+from mergepipe.text import format_rows
 
 # Early layers stay close to base, later layers lean to reasoning: a layer-wise
 # mix that lands between the two models on both accuracy and tokens.
 DEMO_LAYER_RAMP = (0.5, 0.8)
 
+# the latest accuracy of each parent: a demo run twice records every evaluation twice
 LINEAGE_SQL = """SELECT l.child, l.parent, l.role, l.weight, l.method,
-       e.value AS parent_accuracy
+       (SELECT e.value FROM evaluations_view e
+        WHERE e.model = l.parent AND e.metric = 'accuracy' AND e.task = '{task}'
+        ORDER BY e.created_at DESC LIMIT 1) AS parent_accuracy
 FROM lineage_view l
-LEFT JOIN evaluations_view e
-  ON e.model = l.parent AND e.metric = 'accuracy' AND e.task = '{task}'
 WHERE l.child = '{child}'
 ORDER BY l.role"""
 
@@ -43,7 +40,7 @@ def demo_spec(base: str, reasoning: str, num_layers: int) -> dict[str, Any]:
                         "parameters": {"weight": {"layers": ramp, "default": ramp[-1]}}}]}
 
 
-def register_named(cat: Catalog, path: Path, name: str) -> dict[str, Any]:
+def register_named(cat: api.Catalog, path: Path, name: str) -> dict[str, Any]:
     """Register under `name`, or a key-suffixed name if an older world holds it."""
     holder = cat.model_by_name(name)
     if holder is not None and holder["path"] != str(path.resolve()):
@@ -51,18 +48,15 @@ def register_named(cat: Catalog, path: Path, name: str) -> dict[str, Any]:
     return api.register(cat, path, name=name)
 
 
-def workspace_dir(ws: Any) -> Path:
-    home = ws.home or os.environ.get("MERGEPIPE_HOME") or "~/.mergepipe"
-    return Path(home).expanduser().resolve()
-
-
-def run_demo(ws: Any, size: str = "default", device: str = "auto",
-             echo: Callable[[str], None] = print) -> list[dict[str, Any]]:
+def run_demo(home: str | None = None, catalog_url: str | None = None, size: str = "default",
+             device: str = "auto", echo: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """Run the demo in the workspace ``home`` (or the catalog at ``catalog_url``);
+    returns the evaluation rows of base, reasoning and merged."""
     echo(f"1. world ({size}): building or reusing the cached base / reasoning pair")
-    world = ensure_world(size, log=True)
-    task = load_task(world / "test.jsonl", name=f"world-{size}", split="test")
+    world = Path(api.world_build(size, log=True)["dir"])
+    task = f"world-{size}"
     echo(f"   {world}")
-    with ws.open() as cat:
+    with api.open_catalog(home, catalog_url) as cat:
         base = register_named(cat, world / "base", f"world-{size}-base")
         reasoning = register_named(cat, world / "reasoning", f"world-{size}-reasoning")
         echo(f"2. registered {base['name']} and {reasoning['name']} "
@@ -71,23 +65,21 @@ def run_demo(ws: Any, size: str = "default", device: str = "auto",
         plan = api.build_plan(cat, spec)
         echo(f"3. planned layer-wise task arithmetic {plan.plan_id[:12]}: reasoning weight per "
              f"layer {json.dumps(spec['models'][0]['parameters']['weight']['layers'])}")
-        out = workspace_dir(ws) / "demo" / f"world-{size}-merged"
+        out = api.workspace_home(home) / "demo" / f"world-{size}-merged"
         res = api.apply_plan(cat, plan, out, name=f"world-{size}-merged-{plan.plan_id[:8]}",
                              overwrite=True)
         merged = cat.require_model(res.model)
         echo(f"4. applied run {res.run_id[:12]} -> {res.out} "
              f"({sum(res.bytes_read.values()):,} bytes read, {res.bytes_written:,} written)")
-        echo(f"5. evaluating on {len(task.items)} held-out problems (greedy decoding)")
+        echo("5. evaluating on the held-out problems (greedy decoding)")
         rows = []
         for m in (base, reasoning, merged):
-            r = evaluate_model(m["path"], task, device=device)
-            cat.record_evaluation(m["model_id"], r.task, r.metrics(), r.n, r.backend,
-                                  split=r.split, wall_s=r.wall_s)
+            _, r = api.evaluate(cat, m["name"], task, device=device)
             rows.append({"model": m["name"], "accuracy": round(r.accuracy, 4),
                          "mean_tokens": round(r.mean_tokens, 2), "n": r.n,
                          "eval_s": round(r.wall_s, 2)})
         echo(format_rows(rows))
-        sql = LINEAGE_SQL.format(task=task.name, child=merged["name"])
+        sql = LINEAGE_SQL.format(task=task, child=merged["name"])
         echo("6. lineage of the merged model, by SQL (mergepipe sql \"…\"):")
         echo("   " + sql.replace("\n", "\n   "))
         echo(format_rows(api.run_sql(cat, sql)))

@@ -9,11 +9,9 @@ and finish recording.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
-import platform
 import shutil
 import socket
 from dataclasses import asdict, dataclass, field
@@ -23,15 +21,15 @@ from typing import Any
 import sqlalchemy as sa
 
 from mergepipe.catalog import schema
-from mergepipe.catalog.register import register_model
+from mergepipe.catalog.register import INDEX_FILE, SIDE_FILES, register_model
 from mergepipe.catalog.store import Catalog, new_id, now
 from mergepipe.engine.execute import ExecReport
 from mergepipe.engine.faults import crash_point
 from mergepipe.errors import MergePipeError
+from mergepipe.files import fsync_dir
 from mergepipe.planner.plan import Plan
-from mergepipe.safetensors_format import fsync_dir
-
-MANIFEST = "mergepipe_manifest.json"
+from mergepipe.planner.spec import parse_spec
+from mergepipe.runs.manifest import MANIFEST, read_manifest, write_manifest
 
 
 @dataclass
@@ -159,7 +157,6 @@ def _check_replaceable(cat: Catalog, out: Path, models: list[dict[str, Any]]) ->
         listed = set(manifest.get("files", {})) | set(manifest.get("side_files", {}))
     except (OSError, ValueError, AttributeError):
         raise MergePipeError(f"--overwrite refused: {out / MANIFEST} is unreadable")
-    from mergepipe.catalog.register import INDEX_FILE, SIDE_FILES
     legacy = set(SIDE_FILES) | {INDEX_FILE} if "side_files" not in manifest else set()
     extra = [e for e in entries if e != MANIFEST and e not in listed and e not in legacy]
     if extra:
@@ -233,72 +230,6 @@ def abort_run(cat: Catalog, ticket: RunTicket) -> None:
             c.execute(schema.plans.delete().where(schema.plans.c.plan_id == ticket.plan_id))
 
 
-def file_sha256(path: Path, limit: int | None = None) -> str:
-    """sha256 of a file (or of its first ``limit`` bytes)."""
-    h = hashlib.sha256()
-    left = limit
-    with open(path, "rb") as f:
-        while left is None or left > 0:
-            chunk = f.read(1 << 20 if left is None else min(1 << 20, left))
-            if not chunk:
-                break
-            h.update(chunk)
-            if left is not None:
-                left -= len(chunk)
-    return h.hexdigest()
-
-
-def describe_files(folder: Path, weights: dict[str, int]) -> dict[str, Any]:
-    """Manifest entries for everything in an output besides the tensors' data:
-    each side file (index, config, tokenizer, card) with its size and sha256,
-    and the sha256 of each weight shard's header."""
-    from mergepipe.safetensors_format import read_header
-    side: dict[str, dict[str, Any]] = {}
-    for p in sorted(folder.rglob("*")):
-        rel = p.relative_to(folder).as_posix()
-        if p.is_dir() or rel == MANIFEST or rel in weights:
-            continue
-        side[rel] = {"size": p.stat().st_size, "sha256": file_sha256(p)}
-    headers = {rel: file_sha256(folder / rel, read_header(folder / rel).data_start)
-               for rel in weights}
-    return {"side_files": side, "headers": headers}
-
-
-def write_manifest(plan: Plan, ticket: RunTicket, report: ExecReport) -> None:
-    import safetensors
-    import torch
-
-    import mergepipe
-    staging = Path(ticket.staging)
-    doc = {
-        "format": 2,
-        "plan_id": plan.plan_id,
-        "run_id": ticket.run_id,
-        "name": ticket.name,
-        "method": plan.method,
-        "inputs": [{"name": s.key, "model_id": s.model_id, "path": s.path,
-                    "fingerprint": s.fingerprint, "role": s.role} for s in plan.sources],
-        "files": report.files,
-        **describe_files(staging, report.files),
-        "tensor_hash": "blake2b-128",
-        "tensors": report.tensor_hashes,
-        "phases": report.phases,
-        "versions": {"mergepipe": mergepipe.__version__, "torch": torch.__version__,
-                     "safetensors": safetensors.__version__, "python": platform.python_version()},
-        "created_at": now().isoformat(),
-    }
-    path = staging / MANIFEST
-    with open(path, "w") as f:
-        json.dump(doc, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    for p in staging.rglob("*"):
-        if p.is_file() and p.name != MANIFEST and not p.name.endswith(".safetensors"):
-            with open(p, "rb") as fh:  # side files were copied without fsync
-                os.fsync(fh.fileno())
-    fsync_dir(ticket.staging)
-
-
 def _swap_into_place(ticket: RunTicket) -> None:
     out, staging = Path(ticket.out), Path(ticket.staging)
     trash = trash_path(out, ticket.run_id)
@@ -337,8 +268,8 @@ def lineage_rows(plan: Plan, child_id: str, run_id: str) -> list[dict[str, Any]]
             sums.setdefault(key, []).append(float(w))
         for key in t.skipped:
             sums.setdefault(key, []).append(0.0)
-    spec_params = {str(m.get("model") if isinstance(m, dict) else m): (m.get("parameters") if isinstance(m, dict) else None)
-                   for m in plan.spec.get("models") or []}
+    spec_params = {m.ref: m.params or None for m in parse_spec(plan.spec).models} \
+        if plan.spec.get("models") else {}
     rows = []
     for s in plan.sources:
         ws = sums.get(s.key)
@@ -363,7 +294,7 @@ def commit_run(cat: Catalog, plan: Plan, ticket: RunTicket, report: ExecReport,
         ticket.name = name
     check_name(cat, Path(ticket.out), ticket.name)  # before anything lands at --out
     crash_point("before_manifest")
-    write_manifest(plan, ticket, report)
+    write_manifest(Path(ticket.staging), plan, ticket.run_id, ticket.name, report)
     crash_point("after_manifest")
     _swap_into_place(ticket)
     crash_point("after_rename")
@@ -384,11 +315,7 @@ def committed_result(cat: Catalog, plan: Plan) -> ApplyResult | None:
     rows = cat.rows(sa.select(r, m.c.name).join(m, m.c.model_id == r.c.model_id).where(
         r.c.plan_id == plan.plan_id, r.c.status == "COMMITTED").order_by(r.c.finished_at.desc()))
     for row in rows:
-        try:
-            manifest = json.loads((Path(row["out_path"]) / MANIFEST).read_text())
-        except (OSError, ValueError):
-            continue
-        if isinstance(manifest, dict) and manifest.get("plan_id") == plan.plan_id:
+        if read_manifest(Path(row["out_path"])).get("plan_id") == plan.plan_id:
             return ApplyResult(
                 plan_id=plan.plan_id, run_id=row["run_id"], model=row["name"],
                 model_id=row["model_id"], out=row["out_path"],

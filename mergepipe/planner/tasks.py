@@ -1,25 +1,24 @@
-"""Turn a merge spec into an exact Plan: every needed byte read once, in file order.
+"""What every plan builder shares: per-tensor tasks with resolved parameters,
+the method's base policy, source lists and output shards.
 
-Budgeted plans start from the exact plan and drop expert blocks
-(see :mod:`mergepipe.planner.budget`).
+:mod:`mergepipe.planner.exact` (model lists) and :mod:`mergepipe.planner.slices`
+(layer ranges) both build their tasks from these.
 """
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
 
 from mergepipe.catalog import schema
-from mergepipe.catalog.register import check_fresh, register_model
-from mergepipe.catalog.store import Catalog, now
+from mergepipe.catalog.store import Catalog
 from mergepipe.errors import MergePipeError, SpecError
 from mergepipe.methods.base import REQUIRED, MergeMethod
-from mergepipe.planner.params import MISSING, first_resolved, gradient_t, validate_setting
-from mergepipe.planner.plan import Plan, Read, Source, TensorTask
-from mergepipe.planner.spec import MergeSpec, parse_spec
+from mergepipe.planner.params import MISSING, first_resolved, validate_setting
+from mergepipe.planner.plan import Read, Source, TensorTask
+from mergepipe.planner.spec import MergeSpec
 from mergepipe.safetensors_format import FLOAT_CODES, dtype_code, itemsize, official_order
 
 COPY_ROLES = ("config", "generation", "tokenizer")
@@ -27,23 +26,7 @@ _BOOLS = {"true": True, "yes": True, "on": True, "1": True,
           "false": False, "no": False, "off": False, "0": False}
 
 
-def resolve_model(cat: Catalog, ref: str) -> dict[str, Any]:
-    """A catalog name, or a directory registered on the fly."""
-    m = cat.model_by_name(ref)
-    if m is not None:
-        return m
-    p = Path(ref).expanduser()
-    if p.is_dir():
-        known = cat.model_by_path(p)
-        if known is not None:
-            return known
-        row = register_model(cat, p)
-        cat.fresh_models.append(row["model_id"])
-        return row
-    raise SpecError(f"model {ref!r} is neither a catalog name nor a model directory")
-
-
-def _tensor_map(cat: Catalog, model_id: str) -> dict[str, dict[str, Any]]:
+def tensor_map(cat: Catalog, model_id: str) -> dict[str, dict[str, Any]]:
     return {r["name"]: r for r in cat.model_tensors(model_id)}
 
 
@@ -134,7 +117,7 @@ def make_task(method: MergeMethod, name: str, layer: int | None, t: float,
         if method.zero_weight_skips and "weight" in params and params["weight"][k] == 0:
             skipped.append(inp.key)
             continue
-        r = _read(inp.src, inp.row)
+        r = tensor_read(inp.src, inp.row)
         if base is not None and inp.row["content_hash"] and \
                 inp.row["content_hash"] == base[1]["content_hash"]:
             r.alias_base = True
@@ -155,8 +138,8 @@ def make_task(method: MergeMethod, name: str, layer: int | None, t: float,
         reads, keys = ([], []) if base is not None else (reads[:1], keys[:1])
     return TensorTask(
         name=name, shape=shape, out_dtype=(out_code if is_float and out_code else layout["dtype"]),
-        layer=layer, scope=method.scope_for(params) if is_float else "copy", params=params,
-        base=_read(base[0], base[1]) if base is not None else None, inputs=reads,
+        layer=layer, scope=method.scope if is_float else "copy", params=params,
+        base=tensor_read(base[0], base[1]) if base is not None else None, inputs=reads,
         input_keys=keys, skipped=skipped)
 
 
@@ -227,51 +210,11 @@ def out_dtype_code(spec: MergeSpec) -> str | None:
     return dtype_code(spec_out) if spec_out else None
 
 
-def build_exact_plan(cat: Catalog, spec_src: str | Path | dict[str, Any],
-                     seed: int | None = None) -> Plan:
-    spec = parse_spec(spec_src, seed)
-    method = spec.method
-    if spec.slices is not None:
-        from mergepipe.planner.slices import build_slice_plan  # frankenmerges
-        return build_slice_plan(cat, spec)
-    declared = resolve_model(cat, spec.base) if spec.base else None
-    entries = [(resolve_model(cat, m.ref), m.params) for m in spec.models]
-    base, entries = split_base(method, declared, entries, "models")
-    for row in ([base] if base else []) + [row for row, _ in entries]:
-        check_fresh(cat, row)
-    # config and tokenizer come from the base_model even when it is an ordinary input
-    layout_model = declared or entries[0][0]
-    num_layers = layout_model["num_layers"]
-    check_settings([p for _, p in entries] + [spec.parameters], num_layers)
-
-    sources = make_sources(base, ([declared] if declared and not base else []) +
-                           [row for row, _ in entries])
-    src_of = {s.model_id: i for i, s in enumerate(sources)}
-    layout = _tensor_map(cat, layout_model["model_id"])
-    input_tensors = [_tensor_map(cat, row["model_id"]) for row, _ in entries]
-    out_code = out_dtype_code(spec)
-
-    tasks: list[TensorTask] = []
-    for name, t in sorted(layout.items(), key=lambda kv: (kv[1]["file"], kv[1]["byte_offset"])):
-        inputs = [InputRef(src_of[row["model_id"]], row["name"],
-                           input_tensor(input_tensors[k], name, row["name"], t,
-                                        layout_model["name"]),
-                           [params, spec.parameters])
-                  for k, (row, params) in enumerate(entries)]
-        layer = t["layer"]
-        pos = 0.0 if layer is None else gradient_t(layer, num_layers)
-        tasks.append(make_task(method, name, layer, pos, t,
-                               (0, t) if base else None, inputs, [spec.parameters], out_code))
-
-    shards = assign_shards(tasks, spec.out_shard_size)
-    plan = Plan(method=method.name, seed=spec.seed, sources=sources, tasks=tasks, shards=shards,
-                copy_files=side_files(cat, layout_model["model_id"]), spec=spec.raw)
-    return plan.finalize()
-
-
-def _read(src: int, t: dict[str, Any]) -> Read:
+def tensor_read(src: int, t: dict[str, Any], check_hash: bool = True) -> Read:
+    """A whole-tensor read of source ``src`` from its catalog row; with ``check_hash``
+    the reader compares the bytes with the hash recorded at registration."""
     return Read(src=src, file=t["file"], offset=t["byte_offset"], nbytes=t["byte_length"],
-                dtype=t["dtype"], content_hash=t.get("content_hash"))
+                dtype=t["dtype"], content_hash=t.get("content_hash") if check_hash else None)
 
 
 def assign_shards(tasks: list[TensorTask], shard_size: int) -> list[str]:
@@ -293,31 +236,3 @@ def assign_shards(tasks: list[TensorTask], shard_size: int) -> list[str]:
     if n == 1:
         return ["model.safetensors"]
     return [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-
-
-def store_plan(cat: Catalog, plan: Plan) -> bool:
-    """Insert the plan if new; returns True when it was inserted."""
-    t = schema.plans
-    if cat.rows(sa.select(t.c.plan_id).where(t.c.plan_id == plan.plan_id)):
-        return False
-    est = plan.est_bytes()
-    base = plan.base_source()
-    cat.execute(t.insert().values(
-        plan_id=plan.plan_id, method=plan.method,
-        base_model_id=plan.sources[base].model_id if base is not None else None,
-        spec_json=json.dumps(plan.spec, default=str), plan_blob=plan.to_blob(),
-        io_budget=plan.io_budget, est_bytes_base=est["base"], est_bytes_experts=est["experts"],
-        est_bytes_full_experts=plan.full_expert_bytes(), est_bytes_out=est["out"],
-        error_bound=plan.error_bound, error_bound_kind=plan.error_bound_kind,
-        created_at=now()))
-    return True
-
-
-def load_plan(cat: Catalog, plan_id: str) -> Plan:
-    t = schema.plans
-    rows = cat.rows(sa.select(t.c.plan_id, t.c.plan_blob).where(t.c.plan_id.like(f"{plan_id}%")))
-    if not rows:
-        raise MergePipeError(f"no plan with id {plan_id!r}")
-    if len(rows) > 1:
-        raise MergePipeError(f"plan id prefix {plan_id!r} is ambiguous")
-    return Plan.from_blob(rows[0]["plan_blob"])

@@ -59,7 +59,7 @@ def update_search(cat: Catalog, search_id: str, **values: Any) -> None:
     cat.execute(S.update().where(S.c.search_id == search_id).values(**values))
 
 
-def trials(cat: Catalog, search_id: str) -> list[dict[str, Any]]:
+def list_trials(cat: Catalog, search_id: str) -> list[dict[str, Any]]:
     rows = cat.rows(sa.select(T).where(T.c.search_id == search_id).order_by(T.c.trial))
     for r in rows:
         r["x"] = json.loads(r["x_json"])
@@ -99,4 +99,4 @@ def interrupted_trials(cat: Catalog, search_id: str) -> list[dict[str, Any]]:
     """Trials a killed coordinator left in flight, re-armed as PENDING."""
     cat.execute(T.update().where(T.c.search_id == search_id, T.c.status.notin_(FINISHED))
                 .values(status="PENDING", worker=None, started_at=None))
-    return [t for t in trials(cat, search_id) if t["status"] == "PENDING"]
+    return [t for t in list_trials(cat, search_id) if t["status"] == "PENDING"]

@@ -1,0 +1,49 @@
+"""A plan merged into memory instead of shard files: what resident evaluators swap in.
+
+It runs the same per-tensor merge as `apply` (:func:`mergepipe.engine.execute.merge_task`),
+so the tensors are byte-equal to the ones `apply` would write.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from mergepipe.engine.execute import DEFAULT_BLOCK_BYTES, merge_task
+from mergepipe.engine.reader import BlockReader
+from mergepipe.errors import MergePipeError
+from mergepipe.planner.plan import Plan
+from mergepipe.safetensors_format import torch_dtype
+
+
+class _MemoryWriter:
+    """Takes what the engine would stream into a shard, straight into one tensor per name."""
+
+    def __init__(self, plan: Plan) -> None:
+        self.tensors = {t.name: torch.empty(t.shape, dtype=torch_dtype(t.out_dtype))
+                        for t in plan.tasks}
+        self._filled = {name: 0 for name in self.tensors}
+
+    def write(self, name: str, data: Any) -> None:
+        flat = self.tensors[name].view(-1).view(torch.uint8)
+        start = self._filled[name]
+        chunk = torch.frombuffer(data, dtype=torch.uint8) if len(data) else flat[:0]
+        flat[start:start + chunk.numel()] = chunk
+        self._filled[name] = start + chunk.numel()
+
+
+def merge_in_memory(plan: Plan, device: str = "cpu",
+                    block_bytes: int = DEFAULT_BLOCK_BYTES) -> dict[str, torch.Tensor]:
+    """Every output tensor of ``plan``, in its output dtype, byte-equal to `apply`'s."""
+    reader = BlockReader(plan.sources)
+    writer = _MemoryWriter(plan)
+    try:
+        for task in plan.tasks:
+            merge_task(task, plan, reader, writer, device, block_bytes)  # type: ignore[arg-type]
+    finally:
+        reader.close()
+    short = [n for n, t in writer.tensors.items()
+             if writer._filled[n] != t.numel() * t.element_size()]
+    if short:
+        raise MergePipeError(f"the merge produced too few bytes for {short[0]}")
+    return writer.tensors
