@@ -137,7 +137,11 @@ def test_apply_records_the_phases_with_the_run(bf16_family, tmp_path):
     with api.open_catalog(tmp_path / "ws") as cat:
         plan = api.build_plan(cat, _spec("ties", bf16_family))
         res = api.apply_plan(cat, plan, tmp_path / "out", block_bytes=3 * 256)
+        shown = api.explain(cat, res.run_id[:10])["extra_lines"]
     manifest = json.loads((tmp_path / "out" / MANIFEST).read_text())
+    phase_line = next(line for line in shown if line.startswith("engine phases: "))
+    for name in ("read", "decode", "math", "encode", "write", "hash", "fsync"):
+        assert f"{name} {res.phases[name]:.2f} s" in phase_line
     assert manifest["phases"] == res.phases
     assert res.phases["reread_bytes"] > 0 and res.phases["threads"] >= 1
     assert res.phases["math"] > 0 and res.phases["read"] > 0

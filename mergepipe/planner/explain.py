@@ -79,6 +79,7 @@ def run_lines(plan: Plan, run: dict[str, Any], phases: dict[str, float]) -> list
              f"{human_bytes(run['bytes_read_experts'])} (est {human_bytes(est['experts'])}), "
              f"wrote {human_bytes(run['bytes_written'])}, {run['wall_s'] or 0:.2f} s, "
              f"peak RSS {human_bytes(run['peak_rss'])}"]
-    if phases:
-        lines.append("phases (s): " + ", ".join(f"{k} {v:.2f}" for k, v in phases.items()))
+    if phases:  # seconds per engine phase (floats), and counts such as threads (ints)
+        lines.append("engine phases: " + ", ".join(
+            f"{k} {v:.2f} s" if isinstance(v, float) else f"{k} {v}" for k, v in phases.items()))
     return lines
