@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from mergepipe.world import build_world, recipe_for
-from mergepipe.world.build import split_problems
+from mergepipe.world.build import finetune_text, split_problems
 from mergepipe.world.problems import random_problem, sample
 from mergepipe.world.tokenizer import build_tokenizer
 
@@ -172,6 +172,37 @@ def test_recipe_key_tracks_every_field():
     assert a.key() == recipe_for("test").key()
     assert a.key() != recipe_for("test", seed=a.seed + 1).key()
     assert a.key() != recipe_for("test", finetune_lr=a.finetune_lr * 2).key()
+
+
+def test_fine_tunes_keep_a_share_of_the_other_style_per_chain_length():
+    """The default world's fine-tunes mix in the other style by chain length (so
+    mixes take up written work one length at a time); the test world's do not."""
+    recipe = recipe_for("default", n_train=4000, n_test=50)
+    train, _ = split_problems(recipe)
+    for name, shares in (("base", recipe.base_worked_share),
+                         ("reasoning", recipe.reasoning_direct_share)):
+        examples = finetune_text(train, recipe, name)
+        assert [e.prompt for e in examples] == [p.prompt for p in train]
+        for steps, share in enumerate(shares, start=recipe.min_steps):
+            pairs = [(p, e) for p, e in zip(train, examples) if p.steps == steps]
+            other = [e for p, e in pairs
+                     if e.completion == (p.reasoning() if name == "base" else p.direct())]
+            assert all(e.completion in (p.direct(), p.reasoning()) for p, e in pairs)
+            assert abs(len(other) / len(pairs) - share) < 0.05, (name, steps, len(other))
+            if share == 0:
+                assert other == []
+    plain = recipe_for("test", n_train=300, n_test=20)
+    train, _ = split_problems(plain)
+    assert [e.completion for e in finetune_text(train, plain, "base")] == \
+        [p.direct() for p in train]
+    assert [e.completion for e in finetune_text(train, plain, "reasoning")] == \
+        [p.reasoning() for p in train]
+
+
+@pytest.mark.parametrize("shares", [(0.1, 0.2), (0.0, 0.1, 0.2, 0.6), (-0.1, 0, 0, 0)])
+def test_other_style_shares_are_checked(shares):
+    with pytest.raises(ValueError, match="base_worked_share needs 4 shares"):
+        recipe_for("default", base_worked_share=shares)
 
 
 def test_unknown_size_is_a_clear_error():

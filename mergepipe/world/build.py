@@ -1,7 +1,8 @@
 """Build a world: problems, shared pretraining, two fine-tunes, saved checkpoints.
 
 The pretrained model reads arithmetic text with every amount of written work; `base` is then
-fine-tuned to answer directly and `reasoning` to write every step. Both start
+fine-tuned to answer directly and `reasoning` to write every step (in the default
+world each keeps a share of the other style, see `finetune_text`). Both start
 from the same weights, so the straight line between them is a meaningful family
 of merges (the search layer's setting). Builds are cached by recipe key and
 written to a staging directory first, so an interrupted build leaves nothing.
@@ -67,6 +68,25 @@ def pretraining_text(problems: list[Problem], recipe: WorldRecipe) -> list[Examp
     return out
 
 
+def finetune_text(problems: list[Problem], recipe: WorldRecipe, name: str) -> list[Example]:
+    """One completion per problem in the model's own style, except a share per
+    chain length (`base_worked_share`, `reasoning_direct_share`) in the other.
+
+    Greedy decoding still gives one style everywhere, but the decision's margin
+    now follows the shares: base answers long chains directly by a thin margin,
+    reasoning writes short chains out by a thin margin. Mixes between them then
+    start writing on the longest chains and reach the shortest last.
+    """
+    own, other = ((Problem.direct, Problem.reasoning) if name == "base"
+                  else (Problem.reasoning, Problem.direct))
+    shares = recipe.base_worked_share if name == "base" else recipe.reasoning_direct_share
+    if not shares:
+        return [Example(p.prompt, own(p)) for p in problems]
+    rng = random.Random(recipe.seed + (4 if name == "base" else 5))
+    return [Example(p.prompt, (other if rng.random() < shares[p.steps - recipe.min_steps]
+                               else own)(p)) for p in problems]
+
+
 @contextmanager
 def _fixed_numerics(threads: int) -> Iterator[None]:
     """Pin the thread count (reductions split by thread) and flush denormals
@@ -115,11 +135,10 @@ def build_world(recipe: WorldRecipe, out: Path, log: bool = False) -> dict:
         if log:
             print(f"pretrain: {recipe.pretrain_steps} steps, loss {losses[-1]:.3f}, "
                   f"{timings['pretrain_s']:.1f}s", file=sys.stderr, flush=True)
-        styles = {"base": Problem.direct, "reasoning": Problem.reasoning}
-        for i, (name, style) in enumerate(styles.items()):
+        for i, name in enumerate(("base", "reasoning")):
             t1 = time.perf_counter()
             tuned = copy.deepcopy(model)
-            data = encode(tok, [Example(p.prompt, style(p)) for p in train_set])
+            data = encode(tok, finetune_text(train_set, recipe, name))
             losses = train(tuned, data, recipe.finetune_steps, recipe.finetune_lr,
                            recipe.batch_size, recipe.seed + 10 + i, pad)
             with quiet_transformers():

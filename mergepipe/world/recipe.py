@@ -40,9 +40,21 @@ class WorldRecipe:
     pretrain_steps: int = 1500
     pretrain_lr: float = 3e-3
     finetune_steps: int = 300
+    # fine-tunes: share of examples in the other style per chain length, min_steps
+    # first (empty: none); see build.finetune_text
+    base_worked_share: tuple[float, ...] = ()
+    reasoning_direct_share: tuple[float, ...] = ()
     finetune_lr: float = 1e-3
     batch_size: int = 64
     threads: int = 1  # one thread: same bits every build, and robust on a busy machine
+
+    def __post_init__(self) -> None:
+        lengths = self.max_steps - self.min_steps + 1
+        for name in ("base_worked_share", "reasoning_direct_share"):
+            shares = getattr(self, name)
+            if shares and (len(shares) != lengths or not all(0 <= s < 0.5 for s in shares)):
+                raise ValueError(f"{name} needs {lengths} shares in [0, 0.5), one per chain "
+                                 f"length {self.min_steps}..{self.max_steps}; got {shares!r}")
 
     def key(self) -> str:
         """Cache key: recipe fields, builder source and library versions."""
@@ -59,7 +71,10 @@ class WorldRecipe:
 # the trade-off, and the shortest chains are where a short training run is
 # least sure to learn the written style. Two narrow layers keep direct answers
 # weak (wider or deeper models learn to answer 2-5 step chains outright, and the
-# margin to reasoning then depends on the CPU).
+# margin to reasoning then depends on the CPU). In the default world each
+# fine-tune keeps a little of the other style, more on the chain lengths where
+# that style matters least, so uniform mixes take up written work one chain
+# length at a time (longest first) instead of all at once.
 SIZES: dict[str, WorldRecipe] = {
     "test": WorldRecipe(size="test", hidden=64, layers=2, heads=2, intermediate=128,
                         min_steps=2, max_steps=4, n_train=4000, n_test=100,
@@ -67,7 +82,9 @@ SIZES: dict[str, WorldRecipe] = {
                         batch_size=64),
     "default": WorldRecipe(size="default", hidden=64, layers=2, heads=2, intermediate=128,
                            min_steps=2, max_steps=5, show_work_floor=0.4,
-                           pretrain_steps=800, finetune_steps=150, batch_size=64),
+                           pretrain_steps=800, finetune_steps=150, batch_size=64,
+                           base_worked_share=(0.0, 0.05, 0.2, 0.4),
+                           reasoning_direct_share=(0.4, 0.2, 0.05, 0.0)),
 }
 
 
