@@ -14,8 +14,13 @@ from typing import Any
 # Everything a test run writes stays in one temporary home, removed at the end:
 # the world cache, DuckDB's extension folder, torch's extension cache and
 # matplotlib's config all follow HOME / XDG, in this process and its children.
-_HOME = Path(tempfile.mkdtemp(prefix="mergepipe-tests-"))
+# Parallel workers (pytest -n) inherit the home their controller made, so they
+# share one world cache; only the process that made the home removes it.
+_OWNER = "MERGEPIPE_TEST_HOME" not in os.environ
+_HOME = Path(tempfile.mkdtemp(prefix="mergepipe-tests-")) if _OWNER else \
+    Path(os.environ["MERGEPIPE_TEST_HOME"])
 os.environ.update({
+    "MERGEPIPE_TEST_HOME": str(_HOME),
     "HOME": str(_HOME), "XDG_CACHE_HOME": str(_HOME / ".cache"),
     "XDG_CONFIG_HOME": str(_HOME / ".config"), "MPLCONFIGDIR": str(_HOME / ".config" / "mpl"),
     "TORCH_EXTENSIONS_DIR": str(_HOME / ".cache" / "torch_extensions"),
@@ -30,7 +35,8 @@ from click.testing import CliRunner  # noqa: E402
 
 
 def pytest_sessionfinish(session, exitstatus) -> None:
-    shutil.rmtree(_HOME, ignore_errors=True)
+    if _OWNER:
+        shutil.rmtree(_HOME, ignore_errors=True)
 
 
 def make_llama(path: Path, seed: int, layers: int = 4, hidden: int = 32, vocab: int = 128,

@@ -158,14 +158,23 @@ def build_world(recipe: WorldRecipe, out: Path, log: bool = False) -> dict:
 
 def obtain_world(size: str = "default", log: bool = False,
                  rebuild: bool = False) -> tuple[Path, dict[str, float]]:
-    """The cached world for `size` and the build timings (empty when reused)."""
+    """The cached world for `size` and the build timings (empty when reused).
+
+    Builds of one recipe are serialised by a file lock, so processes that ask
+    at once (parallel tests, two shells) build it once and then share it."""
+    from filelock import FileLock
     recipe = recipe_for(size)
     path = cache_root() / "world" / recipe.key()
-    if rebuild or not (path / "world.json").exists():
+    if not rebuild and (path / "world.json").exists():
+        return path, {}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path.parent / f".{path.name}.lock")):
+        if not rebuild and (path / "world.json").exists():
+            return path, {}  # another process built it while this one waited
         if log:
-            print(f"building the {size} world into {path} (cached for next time)", file=sys.stderr, flush=True)
+            print(f"building the {size} world into {path} (cached for next time)",
+                  file=sys.stderr, flush=True)
         return path, build_world(recipe, path, log=log)
-    return path, {}
 
 
 def ensure_world(size: str = "default", log: bool = False) -> Path:
