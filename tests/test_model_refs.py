@@ -129,6 +129,19 @@ def test_a_missing_revision_fails_in_one_line_naming_what_is_cached(cli, hub, tm
     line = refused(cli, ["plan", spec], "hub model 'org/tiny' has no revision 'v9'", [tmp_path])
     assert "cached: main, v1" in line and "HF_HUB_OFFLINE=1" in line
     refused(cli, ["register", "org/tiny@" + "0" * 40], f"no revision '{'0' * 40}'", [tmp_path])
+    line = refused(cli, ["register", "org/tiny@" + hub["v1"][:7]], "has no revision", [tmp_path])
+    assert "a commit is named by all 40 hex digits" in line
+
+
+def test_a_hub_model_without_safetensors_is_one_line(cli, hub, tmp_path):
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    (legacy / "config.json").write_text("{}")
+    (legacy / "pytorch_model.bin").write_bytes(b"not read")
+    cache_revision(Path(hub["cache"]), "org/legacy", legacy, ("main",))
+    spec = linear_spec(tmp_path / "s.yml", ["org/legacy", "org/tiny"])
+    line = refused(cli, ["plan", spec], "hub model 'org/legacy'", [tmp_path])
+    assert "no safetensors weights found" in line
 
 
 def test_online_without_a_reachable_hub_uses_the_cache_or_fails_in_one_line(cli, hub, tmp_path,

@@ -22,6 +22,7 @@ _HUB_REF = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}
 _TRUE = {"1", "ON", "YES", "TRUE"}
 # what a merge reads: weights, their index, configs and tokenizer files (not .bin/.gguf copies)
 FILE_PATTERNS = ["*.safetensors", "*.json", "tokenizer.model", "*.txt", "*.jinja"]
+SKIP_PATTERNS = ["consolidated*", "original/*"]  # second copies of the weights in other layouts
 
 
 class HubModelError(MergePipeError):
@@ -101,7 +102,8 @@ def fetch_snapshot(ref: HubRef) -> HubSnapshot:
     incomplete = getattr(hub_utils, "IncompleteSnapshotError", ())
     try:
         folder = snapshot_download(ref.repo_id, revision=ref.revision, cache_dir=cache,
-                                   local_files_only=offline, allow_patterns=FILE_PATTERNS)
+                                   local_files_only=offline, allow_patterns=FILE_PATTERNS,
+                                   ignore_patterns=SKIP_PATTERNS)
     except incomplete:
         raise HubModelError(f"hub model {where}: the cached snapshot in {cache} is incomplete; "
                             f"download it again with network access") from None
@@ -112,6 +114,8 @@ def fetch_snapshot(ref: HubRef) -> HubSnapshot:
                 f"hub model {where} is not in the Hugging Face cache {cache}")
         why = ("and HF_HUB_OFFLINE=1 forbids downloading it" if offline else
                "and the Hub could not be reached to download it")
+        if ref.revision and re.fullmatch(r"[0-9a-f]{4,39}", ref.revision):
+            why += " (a commit is named by all 40 hex digits)"
         raise HubModelError(f"{what}, {why}") from None
     except hub_utils.GatedRepoError:
         raise HubModelError(f"hub model {where} is gated: accept its terms on the Hub and log "

@@ -14,7 +14,7 @@ from typing import Any
 
 from mergepipe.catalog.register import register_model
 from mergepipe.catalog.store import Catalog
-from mergepipe.errors import MergePipeError, SpecError
+from mergepipe.errors import BadCheckpointError, MergePipeError, SpecError
 from mergepipe.planner.hub import HubSnapshot, fetch_snapshot, parse_hub_ref
 
 
@@ -82,6 +82,11 @@ def locate(ref: str) -> tuple[Path, HubSnapshot | None] | None:
 
 def _register(cat: Catalog, path: Path, snapshot: HubSnapshot | None, name: str | None = None,
               progress: bool = False) -> dict[str, Any]:
-    return register_model(cat, path, name=name, progress=progress,
-                          repo_id=snapshot.repo_id if snapshot else None,
-                          revision=snapshot.revision if snapshot else None, notify=_stderr)
+    if snapshot is None:
+        return register_model(cat, path, name=name, progress=progress, notify=_stderr)
+    try:
+        return register_model(cat, path, name=name, progress=progress, notify=_stderr,
+                              repo_id=snapshot.repo_id, revision=snapshot.revision)
+    except BadCheckpointError as exc:  # say which hub model, not only its snapshot folder
+        raise BadCheckpointError(f"hub model {snapshot.repo_id!r} (revision "
+                                 f"{snapshot.revision[:12]}): {exc}") from None
