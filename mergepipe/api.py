@@ -73,13 +73,13 @@ def lineage(cat: Catalog, name: str) -> list[dict[str, Any]]:
 # -- models -------------------------------------------------------------------
 def register(cat: Catalog, path: str | Path, name: str | None = None,
              progress: bool = False) -> dict[str, Any]:
-    """Index a model directory (idempotent)."""
-    from mergepipe.catalog.register import register_model
-    return register_model(cat, path, name=name, progress=progress)
+    """Index a model directory or a hub id ``org/name[@revision]`` (idempotent)."""
+    from mergepipe.planner.resolve import register_ref
+    return register_ref(cat, path, name=name, progress=progress)
 
 
 def resolve_model(cat: Catalog, ref: str) -> dict[str, Any]:
-    """A catalog name, or a model directory (registered on first use)."""
+    """A catalog name, a model directory or a hub id (registered on first use)."""
     from mergepipe.planner.resolve import resolve_model as resolve
     return resolve(cat, ref)
 
@@ -212,8 +212,8 @@ def analyze(cat: Catalog, experts: list[str], base: str, block_size: str | int =
     from mergepipe.planner.spec import parse_size
     from mergepipe.runs.analyze import analyze as run_analyze
     block_bytes = parse_size(block_size, "block size")
-    base_row = resolve_model(cat, base)
-    rows = [resolve_model(cat, e) for e in experts]
+    from mergepipe.planner.resolve import resolve_all
+    base_row, *rows = resolve_all(cat, [base, *experts])
     return run_analyze(cat, rows, base_row, block_bytes=block_bytes, progress=progress,
                        force=force)
 

@@ -7,11 +7,12 @@ positional reads and skip expert tensors that are byte-identical to the base.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import sqlalchemy as sa
 from tqdm import tqdm
@@ -145,11 +146,44 @@ def hash_tensors(scanned: ScannedModel, progress: bool = False) -> dict[str, str
     return out
 
 
+def default_names(path: Path, repo_id: str | None = None,
+                  revision: str | None = None) -> Iterator[str]:
+    """Names a model may get when none is asked for, plainest first.
+
+    A folder: its name, then with its parent folders joined by '-' (``b-base``
+    for /data/b/base). A hub model: the repo's name, then ``org-name-<commit>``
+    (another revision of the same repo is the usual holder). Numbered names come
+    last, so the list never runs out."""
+    if repo_id:
+        org, repo = repo_id.split("/", 1)
+        stem = f"{org}-{repo}"
+        yield from [repo] + ([f"{stem}-{revision[:8]}"] if revision else [stem])
+    else:
+        parts = [part for part in path.parts if part.strip("/")]
+        stem = path.name
+        yield from ("-".join(parts[i:]) for i in range(len(parts) - 1, -1, -1))
+    for n in itertools.count(2):
+        yield f"{stem}-{n}"
+
+
+def describe(model: dict[str, Any]) -> str:
+    """A model as a person knows it: its hub id and revision, else its folder."""
+    if model.get("repo_id"):
+        return f"{model['repo_id']}@{(model.get('revision') or '')[:12]}"
+    return str(model["path"])
+
+
 def register_model(cat: Catalog, path: str | Path, name: str | None = None,
                    progress: bool = False, kind: str = "source",
-                   precomputed_hashes: dict[str, str] | None = None) -> dict[str, Any]:
+                   precomputed_hashes: dict[str, str] | None = None,
+                   repo_id: str | None = None, revision: str | None = None,
+                   notify: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Index a model directory; a no-op when it is already registered unchanged.
 
+    An explicit ``name`` must be free (or already this folder's). Without one a
+    folder keeps the name it has, or gets the first free one of
+    :func:`default_names`; when that is not the plainest, ``notify`` hears why.
+    ``repo_id`` and ``revision`` (the commit sha) record a hub snapshot's origin.
     ``precomputed_hashes`` lets the engine register its own output without
     reading it back (it hashed every tensor while writing).
     """
@@ -158,16 +192,25 @@ def register_model(cat: Catalog, path: str | Path, name: str | None = None,
     weights = list(scanned.headers)
     fp, stats = fingerprint_files(p, weights + list(scanned.side_files))
     existing = cat.model_by_path(p)
-    name = name or (existing["name"] if existing else p.name)
-    holder = cat.model_by_name(name)
-    if holder is not None and holder["path"] != str(p):
-        raise MergePipeError(f"model name {name!r} is already used for {holder['path']}; "
-                             f"pass --name to choose another")
+    renamed_from: tuple[str, dict[str, Any]] | None = None
+    if name is None and existing:
+        name = existing["name"]
+    elif name is None:
+        name, renamed_from = _free_name(cat, default_names(p, repo_id, revision))
+    else:
+        holder = cat.model_by_name(name)
+        if holder is not None and holder["path"] != str(p):
+            raise MergePipeError(f"model name {name!r} is already used for "
+                                 f"{describe(holder)}; pass --name to choose another")
+    origin = (dict(repo_id=repo_id, revision=revision) if repo_id else
+              dict(repo_id=existing.get("repo_id"), revision=existing.get("revision"))
+              if existing else dict(repo_id=None, revision=None))
     if existing and existing["fingerprint"] == fp:
-        if existing["name"] != name:
+        changes = {k: v for k, v in dict(name=name, **origin).items() if existing.get(k) != v}
+        if changes:
             cat.execute(schema.models.update().where(
-                schema.models.c.model_id == existing["model_id"]).values(name=name))
-            existing["name"] = name
+                schema.models.c.model_id == existing["model_id"]).values(**changes))
+            existing.update(changes)
         return existing
     all_names = {n for h in scanned.headers.values() for n in h.tensors}
     if precomputed_hashes is not None and set(precomputed_hashes) == all_names:
@@ -190,7 +233,7 @@ def register_model(cat: Catalog, path: str | Path, name: str | None = None,
     cfg = scanned.config or {}
     num_layers = cfg.get("num_hidden_layers") or cfg.get("n_layer") or (max_layer + 1 or None)
     archs = cfg.get("architectures") or [None]
-    row = dict(model_id=model_id, name=name, path=str(p), kind=kind,
+    row = dict(model_id=model_id, name=name, path=str(p), kind=kind, **origin,
                architecture=archs[0], num_layers=num_layers, num_params=num_params,
                total_bytes=sum(h.file_size for h in scanned.headers.values()),
                fingerprint=fp, config_json=json.dumps(cfg) if cfg else None,
@@ -211,7 +254,23 @@ def register_model(cat: Catalog, path: str | Path, name: str | None = None,
         c.execute(schema.models.insert().values(**row))
         c.execute(schema.files.insert(), file_rows)
         c.execute(schema.tensors.insert(), tensor_rows)
+    if renamed_from and notify:
+        taken, holder = renamed_from
+        what = f"{repo_id}@{(revision or '')[:12]}" if repo_id else str(p)
+        notify(f"registered {what} as {name!r} (name {taken!r} is taken by {describe(holder)})")
     return row
+
+
+def _free_name(cat: Catalog, candidates: Iterator[str]
+               ) -> tuple[str, tuple[str, dict[str, Any]] | None]:
+    """The first candidate no model holds, and the plainest one's holder if it was taken."""
+    taken: tuple[str, dict[str, Any]] | None = None
+    for candidate in candidates:
+        holder = cat.model_by_name(candidate)
+        if holder is None:
+            return candidate, taken
+        taken = taken or (candidate, holder)
+    raise AssertionError("default_names never runs out")
 
 
 def check_fresh(cat: Catalog, model: dict[str, Any]) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 from sqlalchemy import (BigInteger, Column, DateTime, Double, Integer, LargeBinary,
                         MetaData, String, Table, Text)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: models.repo_id and models.revision
 
 metadata = MetaData()
 
@@ -31,6 +31,8 @@ models = Table(
     Column("fingerprint", String, nullable=False),      # hash of files' (name, size, mtime)
     Column("config_json", Text),
     Column("created_at", DateTime, nullable=False),
+    Column("repo_id", String),                          # hub models: org/name
+    Column("revision", String),                         # hub models: the commit sha
 )
 
 files = Table(
@@ -177,6 +179,11 @@ trials = Table(
     Column("finished_at", DateTime),
     Column("error", Text),
 )
+
+
+# Columns added after a table first shipped: an older catalog gains them on open
+# (create_all makes missing tables, never missing columns).
+ADDED_COLUMNS = [(models, "repo_id"), (models, "revision")]
 
 
 # Views for people who query lineage with SQL: names instead of ids.

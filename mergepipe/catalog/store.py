@@ -67,30 +67,59 @@ class Catalog:
         connect_args: dict[str, Any] = {}
         if self.is_duckdb and read_only:
             connect_args["read_only"] = True
+        self._connect(connect_args)
+        if not read_only:
+            self._ensure_schema()
+        elif self._older_schema():  # upgrade once read-write, so SQL sees every column
+            self.close()
+            Catalog(url).close()
+            self._connect(connect_args)
+
+    # -- lifecycle -------------------------------------------------------
+    def _connect(self, connect_args: dict[str, Any]) -> None:
         try:
-            self.engine: Engine = sa.create_engine(url, connect_args=connect_args,
+            self.engine: Engine = sa.create_engine(self.url, connect_args=connect_args,
                                                    poolclass=sa.pool.StaticPool)
             self.conn: Connection = self.engine.connect()
         except Exception as exc:  # driver errors vary; translate the lock case
-            raise _translate_open_error(url, exc, read_only) from None
-        if not read_only:
-            self._ensure_schema()
+            raise _translate_open_error(self.url, exc, self.read_only) from None
 
-    # -- lifecycle -------------------------------------------------------
     def _ensure_schema(self) -> None:
-        with self.conn.begin():
+        with self.conn.begin():  # a newer catalog raises inside: nothing is changed
             schema.metadata.create_all(self.conn)
+            version = self._schema_version()
+            if version is not None and version > schema.SCHEMA_VERSION:
+                raise MergePipeError(
+                    f"catalog schema version {version} is newer than this mergepipe "
+                    f"({schema.SCHEMA_VERSION}); upgrade mergepipe")
+            for table, column in schema.ADDED_COLUMNS:  # idempotent, for older catalogs
+                kind = table.c[column].type.compile(dialect=self.conn.dialect)
+                self.conn.exec_driver_sql(
+                    f"ALTER TABLE {table.name} ADD COLUMN IF NOT EXISTS {column} {kind}")
             for view, body in schema.VIEWS.items():
                 self.conn.exec_driver_sql(f"CREATE OR REPLACE VIEW {view} AS {body}")
-            row = self.conn.execute(sa.select(schema.meta.c.value).where(
-                schema.meta.c.key == "schema_version")).first()
-            if row is None:
+            if version is None:
                 self.conn.execute(schema.meta.insert().values(
                     key="schema_version", value=str(schema.SCHEMA_VERSION)))
-            elif int(row[0]) > schema.SCHEMA_VERSION:
-                raise MergePipeError(
-                    f"catalog schema version {row[0]} is newer than this mergepipe "
-                    f"({schema.SCHEMA_VERSION}); upgrade mergepipe")
+            elif version < schema.SCHEMA_VERSION:
+                self.conn.execute(schema.meta.update().where(
+                    schema.meta.c.key == "schema_version").values(
+                    value=str(schema.SCHEMA_VERSION)))
+
+    def _schema_version(self) -> int | None:
+        row = self.conn.execute(sa.select(schema.meta.c.value).where(
+            schema.meta.c.key == "schema_version")).first()
+        return int(row[0]) if row else None
+
+    def _older_schema(self) -> bool:
+        """Whether the catalog predates this mergepipe's schema (an empty one does not)."""
+        try:
+            version = self._schema_version()
+        except sa.exc.DBAPIError:  # no meta table yet
+            version = None
+        finally:
+            self.conn.rollback()
+        return version is not None and version < schema.SCHEMA_VERSION
 
     def close(self) -> None:
         self.conn.close()

@@ -19,13 +19,17 @@ def init(ws) -> None:
 
 
 @cli.command()
-@click.argument("path", type=click.Path(exists=True, file_okay=False))
-@click.option("--name", help="Catalog name (default: the directory name).")
+@click.argument("path", metavar="PATH|ORG/NAME[@REV]")
+@click.option("--name", help="Catalog name (default: the folder's or hub repo's name; when "
+              "another model holds it, a longer one such as parent-folder).")
 @click.option("--json", "as_json", is_flag=True, help="Print the model row as JSON.")
 @click.pass_obj
 def register(ws, path: str, name: str | None, as_json: bool) -> None:
     """Index a Hugging Face safetensors model directory (weights are not copied).
 
+    PATH may also be a hub id, org/name or org/name@revision: it is taken from
+    the local Hugging Face cache (HF_HUB_CACHE, HF_HOME), downloaded first when
+    online, and recorded with its repo id and commit (models.repo_id, revision).
     Reads every shard header, records each tensor's layer, module, shard, byte
     range, dtype and shape, and hashes tensor contents. Re-registering an
     unchanged directory does nothing; a changed one is re-indexed.
