@@ -139,4 +139,5 @@ def test_commits_recorded_before_layer_rows_show_their_mean(cli, tiny_family, tm
              "JOIN models p ON p.model_id = e.parent_model_id AND p.name = l.parent "
              "WHERE l.child = 'math-code'")}
     assert rows["code"]["weight"] == rows["code"]["mean"] and rows["code"]["weight_varies"] is None
-    assert rows["code"]["weights"] == f"mean {rows['code']['mean']}" and rows["math"]["weight"] == 0.7
+    assert rows["code"]["weights"] == f"mean {rows['code']['mean']}"
+    assert rows["math"]["weight"] == 0.7

@@ -115,11 +115,11 @@ lineage_layers = Table(
     Column("parent_model_id", String, nullable=False),
     Column("role", String, nullable=False),             # base | expert
     Column("layer", Integer),                           # NULL for embeddings, final norm, head
-    Column("tensors", Text),                            # NULL: all of the layer's tensors; else their names
+    Column("tensors", Text),                            # NULL: the whole layer; else tensor names
     Column("num_tensors", Integer, nullable=False),
-    Column("weight", Double),                           # NULL where the method has no weight (and for the base)
+    Column("weight", Double),                           # NULL for the base and weightless methods
     Column("density", Double),
-    Column("params_json", Text, nullable=False),        # every parameter applied, per-model and merge-wide
+    Column("params_json", Text, nullable=False),        # all parameters: per-model and merge-wide
     Column("plan_id", String, nullable=False),
     Column("run_id", String, nullable=False),
 )
