@@ -17,7 +17,7 @@ from mergepipe.text import format_rows
 DEMO_LAYER_RAMP = (0.5, 0.8)
 
 # the latest accuracy of each parent: a demo run twice records every evaluation twice
-LINEAGE_SQL = """SELECT l.child, l.parent, l.role, l.weight, l.method,
+LINEAGE_SQL = """SELECT l.child, l.parent, l.role, l.weights, l.method,
        (SELECT e.value FROM evaluations_view e
         WHERE e.model = l.parent AND e.metric = 'accuracy' AND e.task = '{task}'
         ORDER BY e.created_at DESC LIMIT 1) AS parent_accuracy

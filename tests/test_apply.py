@@ -85,9 +85,9 @@ def test_plan_id_is_stable_and_reapply_returns_the_commit(cli, tiny_family, tmp_
     p2 = json.loads(cli("plan", spec, "--json").output)["plan_id"]
     assert p1 == p2
     first = json.loads(cli("apply", "--plan", p1[:10], "--out", tmp_path / "m", "--json").output)
-    again = json.loads(cli("apply", spec, "--out", tmp_path / "elsewhere", "--json").output)
+    again = json.loads(cli("apply", spec, "--out", tmp_path / "m", "--json").output)
     assert again["reused"] and again["run_id"] == first["run_id"] and again["out"] == first["out"]
-    assert not (tmp_path / "elsewhere").exists()
+    assert again["bytes_written"] == 0 and again["reused_from"] is None
     assert first["bytes_read"]["experts"] == 2 * (tiny_family["e1"] / "model.safetensors").stat().st_size \
         - 2 * _header_bytes(tiny_family["e1"] / "model.safetensors")
 

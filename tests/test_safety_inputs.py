@@ -289,7 +289,8 @@ def sharded_output(cli, tmp_path, tiny_family):
     ("delete_index", "model.safetensors.index.json: missing"),
     ("edit_index", "model.safetensors.index.json: differs from the manifest"),
     ("replace_config", "config.json: differs from the manifest"),
-    ("add_card", "README.md: not in the manifest"),
+    ("add_file", "notes.md: not in the manifest"),
+    ("edit_card", "README.md: differs from the manifest"),
     ("edit_header", "header differs from the manifest"),
     ("delete_manifest_entry", "config.json: not in the manifest"),
 ])
@@ -305,7 +306,9 @@ def test_verify_covers_every_file(cli, sharded_output, damage, needle):
         cfg = json.loads((out / "config.json").read_text())
         cfg["num_hidden_layers"] = 2
         (out / "config.json").write_text(json.dumps(cfg))
-    elif damage == "add_card":
+    elif damage == "add_file":
+        (out / "notes.md").write_text("# best model ever\n")
+    elif damage == "edit_card":
         (out / "README.md").write_text("# best model ever\n")
     elif damage == "edit_header":
         shard = sorted(out.glob("model-*.safetensors"))[0]

@@ -29,6 +29,8 @@ def lineage(cat: Catalog, name: str) -> list[dict[str, Any]]:
 
     A breadth-first walk that visits each model once, so it ends on any
     catalog, even one whose lineage loops (older versions could write that).
+    ``weight`` and ``weights`` are ``lineage_view``'s: the weight where it is one
+    number, else NULL and a range such as "0.2..0.6 by layer".
     """
     l, m, p = schema.lineage, schema.models, schema.plans
     child_m, parent_m = m.alias("c"), m.alias("p")
@@ -44,12 +46,25 @@ def lineage(cat: Catalog, name: str) -> list[dict[str, Any]]:
             .join(p, p.c.plan_id == l.c.plan_id)
             .where(l.c.child_model_id.in_(frontier)))
         rows.sort(key=lambda r: (r["child"], r["role"] or "", r["parent"]))
+        shown = _view_weights(cat, sorted({r["child"] for r in rows}))
         frontier = []
         for r in rows:
-            out.append({"depth": depth, **{k: r[k] for k in ("child", "parent", "role", "weight",
-                                                              "method", "plan_id")}})
+            weight, weights = shown.get((r["child"], r["parent"], r["role"]), (r["weight"], None))
+            out.append({"depth": depth, "child": r["child"], "parent": r["parent"],
+                        "role": r["role"], "weight": weight, "weights": weights,
+                        "method": r["method"], "plan_id": r["plan_id"]})
             if r["parent_model_id"] not in seen:
                 seen.add(r["parent_model_id"])
                 frontier.append(r["parent_model_id"])
         depth += 1
     return out
+
+
+def _view_weights(cat: Catalog, children: list[str]) -> dict[tuple[str, str, str], tuple]:
+    """(weight, weights) of each edge of these children, as ``lineage_view`` shows them."""
+    if not children:
+        return {}
+    q = sa.text("SELECT child, parent, role, weight, weights FROM lineage_view "
+                "WHERE child IN :children").bindparams(sa.bindparam("children", expanding=True))
+    return {(r["child"], r["parent"], r["role"]): (r["weight"], r["weights"])
+            for r in cat.rows(q, {"children": children})}

@@ -108,6 +108,35 @@ lineage = Table(
     Column("run_id", String, nullable=False),
 )
 
+# The parameters each parent was merged with, per output layer, as the planner
+# resolved them (gradients interpolated, filters applied): one row per parent and
+# layer, or one per distinct setting when filters split a layer's tensors.
+lineage_layers = Table(
+    "lineage_layers", metadata,
+    Column("child_model_id", String, nullable=False),
+    Column("parent_model_id", String, nullable=False),
+    Column("role", String, nullable=False),             # base | expert
+    Column("layer", Integer),                           # NULL for embeddings, final norm, head
+    Column("tensors", Text),                            # NULL: the whole layer; else tensor names
+    Column("num_tensors", Integer, nullable=False),
+    Column("weight", Double),                           # NULL for the base and weightless methods
+    Column("density", Double),
+    Column("params_json", Text, nullable=False),        # all parameters: per-model and merge-wide
+    Column("plan_id", String, nullable=False),
+    Column("run_id", String, nullable=False),
+)
+
+# A run that committed by linking (or copying) an existing commit of the same plan.
+reuses = Table(
+    "reuses", metadata,
+    Column("run_id", String, primary_key=True),
+    Column("source_run_id", String, nullable=False),
+    Column("source_path", Text, nullable=False),
+    Column("linked_files", Integer, nullable=False),
+    Column("copied_files", Integer, nullable=False),
+    Column("bytes_copied", BigInteger, nullable=False),
+)
+
 block_stats = Table(
     "block_stats", metadata,
     Column("expert_model_id", String, primary_key=True),
@@ -188,21 +217,48 @@ ADDED_COLUMNS = [(models, "repo_id"), (models, "revision")]
 
 # Views for people who query lineage with SQL: names instead of ids.
 VIEWS = {
+    # weight: the one weight a parent had everywhere, NULL where it varies; then
+    # weight_varies and weights ("0.2..0.6 by layer") say how. Commits recorded
+    # before lineage_layers existed keep their mean ("mean 0.38"). New columns go
+    # last: PostgreSQL's CREATE OR REPLACE VIEW only appends.
     "lineage_view": """
-        SELECT c.name AS child, p.name AS parent, l.role, l.weight, l.params_json,
-               pl.method, l.plan_id, l.run_id, c.path AS child_path, c.created_at
+        SELECT c.name AS child, p.name AS parent, l.role,
+               CASE WHEN s.child_model_id IS NULL THEN l.weight
+                    WHEN s.wmin = s.wmax THEN s.wmin END AS weight,
+               l.params_json, pl.method, l.plan_id, l.run_id, c.path AS child_path,
+               c.created_at, s.wmin <> s.wmax AS weight_varies,
+               CASE WHEN s.child_model_id IS NULL THEN 'mean ' || CAST(l.weight AS VARCHAR)
+                    WHEN s.wmin = s.wmax THEN CAST(s.wmin AS VARCHAR)
+                    ELSE CAST(s.wmin AS VARCHAR) || '..' || CAST(s.wmax AS VARCHAR) ||
+                         CASE WHEN s.split THEN ' by tensor' ELSE ' by layer' END
+               END AS weights
         FROM lineage l
         JOIN models c ON c.model_id = l.child_model_id
         JOIN models p ON p.model_id = l.parent_model_id
-        JOIN plans pl ON pl.plan_id = l.plan_id""",
+        JOIN plans pl ON pl.plan_id = l.plan_id
+        LEFT JOIN (SELECT child_model_id, parent_model_id, role, MIN(weight) AS wmin,
+                          MAX(weight) AS wmax,
+                          COUNT(*) > COUNT(DISTINCT COALESCE(layer, -1)) AS split
+                   FROM lineage_layers GROUP BY child_model_id, parent_model_id, role) s
+          ON s.child_model_id = l.child_model_id AND s.parent_model_id = l.parent_model_id
+         AND s.role = l.role""",
+    "lineage_layers_view": """
+        SELECT c.name AS child, p.name AS parent, ll.role, ll.layer, ll.weight, ll.density,
+               ll.params_json, ll.tensors, ll.num_tensors, pl.method, ll.plan_id, ll.run_id
+        FROM lineage_layers ll
+        JOIN models c ON c.model_id = ll.child_model_id
+        JOIN models p ON p.model_id = ll.parent_model_id
+        JOIN plans pl ON pl.plan_id = ll.plan_id""",
     "runs_view": """
         SELECT r.run_id, r.status, m.name AS model, pl.method, r.plan_id, r.out_path,
                r.bytes_read_base, r.bytes_read_experts, pl.est_bytes_experts,
                pl.est_bytes_full_experts, r.bytes_written, r.wall_s, r.peak_rss,
-               pl.io_budget, pl.error_bound, r.started_at, r.finished_at
+               pl.io_budget, pl.error_bound, r.started_at, r.finished_at,
+               u.source_run_id AS reused_from
         FROM runs r
         JOIN plans pl ON pl.plan_id = r.plan_id
-        LEFT JOIN models m ON m.model_id = r.model_id""",
+        LEFT JOIN models m ON m.model_id = r.model_id
+        LEFT JOIN reuses u ON u.run_id = r.run_id""",
     "evaluations_view": """
         SELECT m.name AS model, e.task, e.split, e.metric, e.value, e.n, e.backend,
                e.wall_s, e.created_at

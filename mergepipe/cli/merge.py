@@ -134,8 +134,10 @@ def apply(ws, spec: str | None, plan_id: str | None, out: str, name: str | None,
 
     Output is written to a staging directory beside --out, fsynced, described
     by a manifest, and renamed into place; the catalog records the run, the new
-    model and its lineage. Applying a plan that is already committed returns
-    that commit.
+    model and its lineage. A plan already committed at --out returns that commit;
+    one committed elsewhere is materialised at --out from that commit's files
+    (hard links where the file system allows, else copies), verified and
+    recorded under --name ("reused").
     """
     if bool(spec) == bool(plan_id):
         raise MergePipeError("give either a SPEC file or --plan PLAN_ID")
@@ -154,9 +156,16 @@ def apply(ws, spec: str | None, plan_id: str | None, out: str, name: str | None,
     if as_json:
         echo_json(result.to_json())
         return
+    if result.reused and not result.reused_from:
+        click.echo(f"reused: plan {result.plan_id[:12]} is already committed as "
+                   f"{result.model} at {result.out}; nothing written")
+        return
     if result.reused:
-        click.echo(f"plan {result.plan_id[:12]} is already committed as {result.model} "
-                   f"at {result.out}")
+        click.echo(f"committed {result.model} at {result.out} (reused the commit of plan "
+                   f"{result.plan_id[:12]} at {result.reused_from})")
+        click.echo(f"  run {result.run_id[:12]}  {result.wall_s:.2f} s  "
+                   f"{result.linked_files} files hard-linked, {result.copied_files} copied "
+                   f"({human_bytes(result.bytes_written)}); verified")
         return
     click.echo(f"committed {result.model} at {result.out}")
     click.echo(f"  plan {result.plan_id[:12]}  run {result.run_id[:12]}  {result.wall_s:.2f} s")

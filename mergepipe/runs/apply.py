@@ -19,6 +19,7 @@ from mergepipe.planner.exact import build_exact_plan
 from mergepipe.planner.plan import Plan
 from mergepipe.planner.records import store_plan
 from mergepipe.runs.analyze import analyze
+from mergepipe.runs.reuse import NotReusable, reuse_commit
 from mergepipe.runs.transaction import (ApplyResult, RunTicket, abort_run, begin_run,
                                         commit_run, committed_result)
 
@@ -83,14 +84,26 @@ def apply_plan(cat: Catalog, plan: Plan, out: str | Path, name: str | None = Non
                overwrite: bool = False, device: str = "cpu", allow_nonfinite: bool = False,
                block_bytes: int = DEFAULT_BLOCK_BYTES, progress: bool = False,
                plan_inserted: bool = False) -> ApplyResult:
-    """Execute a plan transactionally; an already-committed plan returns its commit.
+    """Execute a plan transactionally.
 
+    A plan already committed at ``out`` returns that commit (``reused``, nothing
+    written); one committed elsewhere is materialised at ``out`` from that
+    commit's files (``reused``, hard links where possible), or merged again
+    when those files no longer verify.
     ``plan_inserted``: the caller stored the plan just now, so a failed run
     removes it again along with the run.
     """
-    existing = committed_result(cat, plan)
+    existing = committed_result(cat, plan, out)
     if existing is not None:
-        return existing
+        if Path(existing.out) == Path(out).expanduser().resolve():
+            return existing
+        try:
+            return reuse_commit(cat, plan, existing, out, name, overwrite, device)
+        except NotReusable as exc:
+            _stderr(f"note: {exc}; merging from the inputs instead")
+        except BaseException:
+            forget_fresh_models(cat, [])
+            raise
     try:
         ticket = begin_run(cat, plan, out, overwrite=overwrite, plan_inserted=plan_inserted,
                            device=device, name=name or Path(out).expanduser().resolve().name)

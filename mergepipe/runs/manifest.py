@@ -50,8 +50,11 @@ def describe_files(folder: Path, weights: dict[str, int]) -> dict[str, Any]:
 
 
 def write_manifest(staging: Path, plan: Plan, run_id: str, name: str | None,
-                   report: ExecReport) -> None:
-    """Write and fsync the manifest (and the side files) in the staging folder."""
+                   report: ExecReport, reused_from: dict[str, Any] | None = None) -> None:
+    """Write and fsync the manifest (and the side files) in the staging folder.
+
+    ``reused_from`` (a reuse of another commit's files) is kept in the manifest so
+    that `recover` records a reuse cut short by a crash as one."""
     import safetensors
     import torch
 
@@ -73,6 +76,8 @@ def write_manifest(staging: Path, plan: Plan, run_id: str, name: str | None,
                      "safetensors": safetensors.__version__, "python": platform.python_version()},
         "created_at": now().isoformat(),
     }
+    if reused_from is not None:
+        doc["reused_from"] = reused_from
     path = staging / MANIFEST
     with open(path, "w") as f:
         json.dump(doc, f, indent=1)

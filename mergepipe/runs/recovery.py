@@ -44,7 +44,7 @@ def recover(cat: Catalog) -> RecoverReport:
                              manifest["tensors"], manifest["files"])
             ticket = RunTicket(run["run_id"], plan.plan_id, str(out), str(staging),
                                name=manifest.get("name"))
-            record_commit(cat, plan, ticket, rep, None)
+            record_commit(cat, plan, ticket, rep, None, manifest.get("reused_from"))
             report.completed.append(run["run_id"])
         else:
             if landed:  # present but corrupt: take it away rather than leave a bad model

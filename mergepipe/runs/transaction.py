@@ -1,16 +1,15 @@
 """Transactional commits: staging directory, manifest, atomic rename, catalog rows.
 
 Order of a commit: the engine writes into ``.NAME.staging-RUN`` beside the
-target (files fsynced); the manifest is written and fsynced; the staging
-directory is renamed onto the target; then one catalog transaction marks the
-run COMMITTED and adds the model and its lineage. A kill at any instant leaves
-either no output, or a complete output whose manifest ``recover`` can check
-and finish recording.
+target (files fsynced); the model card and the manifest are written and
+fsynced; the staging directory is renamed onto the target; then one catalog
+transaction marks the run COMMITTED and adds the model and its lineage. A
+kill at any instant leaves either no output, or a complete output whose
+manifest ``recover`` can check and finish recording.
 """
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import socket
@@ -28,7 +27,8 @@ from mergepipe.engine.faults import crash_point
 from mergepipe.errors import MergePipeError
 from mergepipe.files import fsync_dir
 from mergepipe.planner.plan import Plan
-from mergepipe.planner.spec import parse_spec
+from mergepipe.runs.card import CARD, write_card
+from mergepipe.runs.lineage import layer_rows, lineage_rows
 from mergepipe.runs.manifest import MANIFEST, read_manifest, write_manifest
 
 
@@ -58,6 +58,9 @@ class ApplyResult:
     wall_s: float
     peak_rss: int
     reused: bool = False
+    reused_from: str | None = None        # the commit whose files a reuse linked or copied
+    linked_files: int = 0
+    copied_files: int = 0
     io_budget: int | None = None
     error_bound: float | None = None
     error_bound_kind: str | None = None
@@ -243,15 +246,26 @@ def _swap_into_place(ticket: RunTicket) -> None:
 
 
 def record_commit(cat: Catalog, plan: Plan, ticket: RunTicket, report: ExecReport,
-                  name: str | None) -> dict[str, Any]:
-    """One catalog transaction: the new model, its lineage, the run COMMITTED."""
+                  name: str | None, reused_from: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One catalog transaction: the new model, its lineage (per parent and per
+    layer), the run COMMITTED, and for a reuse the commit it came from."""
     out = Path(ticket.out)
     with cat.transaction() as c:
         model = register_model(cat, out, name=name or ticket.name or out.name, kind="merged",
                                precomputed_hashes=report.tensor_hashes)
-        c.execute(schema.lineage.delete().where(
-            schema.lineage.c.child_model_id == model["model_id"]))
+        for table in (schema.lineage, schema.lineage_layers):
+            c.execute(table.delete().where(table.c.child_model_id == model["model_id"]))
         c.execute(schema.lineage.insert(), lineage_rows(plan, model["model_id"], ticket.run_id))
+        layers = layer_rows(plan, model["model_id"], ticket.run_id)
+        if layers:
+            c.execute(schema.lineage_layers.insert(), layers)
+        if reused_from is not None:
+            c.execute(schema.reuses.insert().values(
+                run_id=ticket.run_id, source_run_id=str(reused_from.get("run_id")),
+                source_path=str(reused_from.get("path")),
+                linked_files=int(reused_from.get("linked_files", 0)),
+                copied_files=int(reused_from.get("copied_files", 0)),
+                bytes_copied=int(reused_from.get("bytes_copied", 0))))
         c.execute(schema.runs.update().where(schema.runs.c.run_id == ticket.run_id).values(
             status="COMMITTED", model_id=model["model_id"],
             bytes_read_base=report.bytes_read_base, bytes_read_experts=report.bytes_read_experts,
@@ -260,66 +274,58 @@ def record_commit(cat: Catalog, plan: Plan, ticket: RunTicket, report: ExecRepor
     return model
 
 
-def lineage_rows(plan: Plan, child_id: str, run_id: str) -> list[dict[str, Any]]:
-    """One edge per parent, with the mean weight over tensors as a summary."""
-    sums: dict[str, list[float]] = {}
-    for t in plan.tasks:
-        for key, w in zip(t.input_keys, t.params.get("weight", [])):
-            sums.setdefault(key, []).append(float(w))
-        for key in t.skipped:
-            sums.setdefault(key, []).append(0.0)
-    spec_params = {m.ref: m.params or None for m in parse_spec(plan.spec).models} \
-        if plan.spec.get("models") else {}
-    rows = []
-    for s in plan.sources:
-        ws = sums.get(s.key)
-        rows.append(dict(
-            child_model_id=child_id, parent_model_id=s.model_id, role=s.role,
-            weight=(math.fsum(ws) / len(ws)) if ws else None,
-            params_json=json.dumps(_params_for(spec_params, s), default=str),
-            plan_id=plan.plan_id, run_id=run_id))
-    return rows
-
-
-def _params_for(spec_params: dict[str, Any], source: Any) -> Any:
-    for ref, params in spec_params.items():
-        if ref == source.key or (ref and Path(ref).expanduser().resolve().as_posix() == source.path):
-            return params
-    return None
-
-
 def commit_run(cat: Catalog, plan: Plan, ticket: RunTicket, report: ExecReport,
                name: str | None = None) -> ApplyResult:
+    """Card and manifest into the staging folder, then :func:`land_run`."""
     if name:
         ticket.name = name
     check_name(cat, Path(ticket.out), ticket.name)  # before anything lands at --out
     crash_point("before_manifest")
-    write_manifest(Path(ticket.staging), plan, ticket.run_id, ticket.name, report)
+    staging = Path(ticket.staging)
+    if not (staging / CARD).exists():
+        write_card(cat, plan, ticket.run_id, staging)
+    write_manifest(staging, plan, ticket.run_id, ticket.name, report)
     crash_point("after_manifest")
+    return land_run(cat, plan, ticket, report)
+
+
+def land_run(cat: Catalog, plan: Plan, ticket: RunTicket, report: ExecReport,
+             reused_from: dict[str, Any] | None = None) -> ApplyResult:
+    """Rename a complete staging folder (manifest written) onto --out and record it."""
     _swap_into_place(ticket)
     crash_point("after_rename")
-    model = record_commit(cat, plan, ticket, report, name)
+    model = record_commit(cat, plan, ticket, report, None, reused_from)
     crash_point("after_commit")
+    reuse = reused_from or {}
     return ApplyResult(
         plan_id=plan.plan_id, run_id=ticket.run_id, model=model["name"],
         model_id=model["model_id"], out=ticket.out,
         bytes_read={"base": report.bytes_read_base, "experts": report.bytes_read_experts},
         bytes_written=report.bytes_written, wall_s=report.wall_s, peak_rss=report.peak_rss,
+        reused=reused_from is not None, reused_from=reuse.get("path"),
+        linked_files=reuse.get("linked_files", 0), copied_files=reuse.get("copied_files", 0),
         io_budget=plan.io_budget, error_bound=plan.error_bound,
         error_bound_kind=plan.error_bound_kind, phases=report.phases)
 
 
-def committed_result(cat: Catalog, plan: Plan) -> ApplyResult | None:
-    """The existing commit of this plan whose output is still in place, if any."""
+def committed_result(cat: Catalog, plan: Plan, out: str | Path | None = None
+                     ) -> ApplyResult | None:
+    """An existing commit of this plan whose output is still in place, if any:
+    the one at ``out`` when there is one there, else the newest."""
     r, m = schema.runs, schema.models
     rows = cat.rows(sa.select(r, m.c.name).join(m, m.c.model_id == r.c.model_id).where(
         r.c.plan_id == plan.plan_id, r.c.status == "COMMITTED").order_by(r.c.finished_at.desc()))
-    for row in rows:
-        if read_manifest(Path(row["out_path"])).get("plan_id") == plan.plan_id:
-            return ApplyResult(
-                plan_id=plan.plan_id, run_id=row["run_id"], model=row["name"],
-                model_id=row["model_id"], out=row["out_path"],
-                bytes_read={"base": 0, "experts": 0}, bytes_written=0, wall_s=0.0,
-                peak_rss=0, reused=True, io_budget=plan.io_budget,
-                error_bound=plan.error_bound, error_bound_kind=plan.error_bound_kind)
-    return None
+    rows = [row for row in rows
+            if read_manifest(Path(row["out_path"])).get("plan_id") == plan.plan_id]
+    if out is not None:
+        here = str(Path(out).expanduser().resolve())
+        rows = [row for row in rows if row["out_path"] == here] or rows
+    if not rows:
+        return None
+    row = rows[0]
+    return ApplyResult(
+        plan_id=plan.plan_id, run_id=row["run_id"], model=row["name"],
+        model_id=row["model_id"], out=row["out_path"],
+        bytes_read={"base": 0, "experts": 0}, bytes_written=0, wall_s=0.0,
+        peak_rss=0, reused=True, io_budget=plan.io_budget,
+        error_bound=plan.error_bound, error_bound_kind=plan.error_bound_kind)

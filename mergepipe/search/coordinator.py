@@ -239,7 +239,8 @@ class SearchRun:
         plan, inserted = build_and_store(self.cat, spec, io_budget=self.cfg.io_budget)
         out = self.root / f"t{trial:04d}"
         stretch = stretch_factor(self.cfg.seed, trial, self.cfg.stretch_alpha)
-        existing = None if self.cfg.evaluator == "resident" else committed_result(self.cat, plan)
+        existing = None if self.cfg.evaluator == "resident" else \
+            committed_result(self.cat, plan, out)
         if self.cfg.evaluator == "resident":   # nothing on disk: the plan id is the record
             inf = InFlight(list(x), plan, None)
             job: Any = ResidentJob(plan, self.base["path"], self.tasks, self.cfg.device,
