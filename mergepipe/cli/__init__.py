@@ -13,7 +13,7 @@ import click
 from mergepipe.cli.common import MergePipeGroup, Workspace
 
 
-@click.group(cls=MergePipeGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group("mergepipe", cls=MergePipeGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--home", type=click.Path(file_okay=False), envvar="MERGEPIPE_HOME",
               help="Workspace directory (catalog at DIR/catalog.duckdb). "
                    "Default: $MERGEPIPE_HOME or ~/.mergepipe.")
