@@ -91,6 +91,13 @@ def os_error_line(exc: OSError) -> str:
     return " ".join(line.split())
 
 
+format_option = click.option(
+    "--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table",
+    show_default=True,
+    help="table: aligned columns for people; csv: a header row, then one row per line; "
+         "json: one JSON object per row, one per line.")
+
+
 def echo_json(obj: Any) -> None:
     click.echo(json.dumps(obj, default=str))
 
