@@ -32,6 +32,8 @@ BAD = [
     ["sql", "SELECT 1", "--timeout", "soon"], ["eval", "x", "--task", "t", "--limit", "many"],
     ["eval", "x", "--task", "t", "--backend", "onnx"], ["plan", "{file}", "--seed", "one"],
     ["apply", "{file}", "--out", "{tmp}/o", "--io-budget", "10"],
+    ["apply", "{file}", "--out", "{tmp}/o", "--device", "nosuch"], ["demo", "--device", "tpu"],
+    ["eval", "x", "--task", "t", "--device", "gpu0"],
     # errors the library reports
     ["lineage", "nosuch"], ["explain", "nosuch"], ["sql", "DROP TABLE models"],
     ["sql", "SELECT * FROM nosuch"], ["plan", "{tmp}/missing.yml"], ["plan", "{file}"],
@@ -91,6 +93,21 @@ def test_help_is_not_an_error(args, cli):
     res = cli(*args)
     assert res.exit_code == 0 and res.stderr == ""
     assert res.stdout.startswith("Usage: ")
+
+
+def test_an_unforeseen_exception_is_one_line_too(cli, monkeypatch):
+    """A bug still ends in one line, naming the exception; MERGEPIPE_DEBUG=1 shows it whole."""
+    from mergepipe import api
+
+    def broken(cat):
+        raise ValueError("something nobody expected")
+    monkeypatch.setattr(api, "models", broken)
+    res = cli("models", ok=False)
+    assert_one_error_line(res.stdout, res.stderr, res.exit_code)
+    assert "unexpected ValueError: something nobody expected" in res.stderr
+    monkeypatch.setenv("MERGEPIPE_DEBUG", "1")
+    with pytest.raises(ValueError):
+        cli("models", ok=False)
 
 
 def test_bare_mergepipe_prints_help(tmp_path):

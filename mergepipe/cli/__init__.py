@@ -23,6 +23,10 @@ from mergepipe.cli.common import MergePipeGroup, Workspace
 def cli(ctx: click.Context, home: str | None, catalog_url: str | None) -> None:
     """MergePipe: plan, run and record LLM merges like a database.
 
+    New here? `mergepipe demo` runs the whole job on a built-in tiny model
+    family; the README's session continues from it. Errors are one line,
+    `error: …`, with a nonzero exit.
+
     \b
     Typical session:
       mergepipe register ./base-model --name base

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import errno
 import json
+import os
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,6 +68,13 @@ class MergePipeGroup(click.Group):
             fail(ctx, os_error_line(exc), 1)
         except (KeyboardInterrupt, click.Abort):
             fail(ctx, "interrupted", 130)
+        except (click.exceptions.Exit, SystemExit):
+            raise
+        except Exception as exc:  # a bug or a library's refusal we did not foresee
+            if os.environ.get("MERGEPIPE_DEBUG"):
+                raise
+            fail(ctx, f"unexpected {type(exc).__name__}: {exc} (MERGEPIPE_DEBUG=1 shows "
+                      f"the traceback)", 1)
 
 
 def fail(ctx: click.Context, message: str, code: int) -> NoReturn:
@@ -89,6 +98,24 @@ def os_error_line(exc: OSError) -> str:
     paths = [p for p in (exc.filename, exc.filename2) if p is not None]
     line = f"{what}: {' -> '.join(map(str, paths))}" if paths else what
     return " ".join(line.split())
+
+
+class Device(click.ParamType):
+    """A torch device string, checked here so a typo is a usage error, not a traceback."""
+
+    name = "device"
+    PATTERN = re.compile(r"(cpu|mps|(cuda|xpu)(:\d+)?)")
+
+    def __init__(self, allow_auto: bool = False):
+        self.allow_auto = allow_auto
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> str:
+        text = str(value).strip()
+        if (self.allow_auto and text == "auto") or self.PATTERN.fullmatch(text):
+            return text
+        forms = "cpu, cuda, cuda:N, mps, xpu:N" + (" or auto" if self.allow_auto else "")
+        self.fail(f"{value!r} is not a device ({forms})", param, ctx)
 
 
 format_option = click.option(

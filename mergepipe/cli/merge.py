@@ -5,7 +5,7 @@ import click
 
 from mergepipe import api
 from mergepipe.cli import cli
-from mergepipe.cli.common import echo_json, format_option, stderr_progress, table
+from mergepipe.cli.common import Device, echo_json, format_option, stderr_progress, table
 from mergepipe.errors import MergePipeError
 from mergepipe.text import format_rows, human_bytes
 
@@ -119,7 +119,8 @@ def explain(ws, plan_or_run: str, fmt: str) -> None:
 @budget_option
 @seed_option
 @click.option("--no-analyze", is_flag=True, help="Fail instead of computing missing block statistics.")
-@click.option("--device", default="cpu", show_default=True, help="Compute device (cpu, cuda, cuda:1).")
+@click.option("--device", type=Device(), default="cpu", show_default=True,
+              help="Compute device (cpu, cuda, cuda:1).")
 @click.option("--allow-nonfinite", is_flag=True, help="Merge even if an input holds NaN/Inf.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object describing the run.")
 @click.pass_obj
