@@ -33,7 +33,7 @@ __all__ = ["open_catalog", "workspace_home", "register", "resolve_model", "model
            "run_sql", "DEFAULT_SQL_TIMEOUT", "build_plan", "build_and_store", "store_plan",
            "load_plan", "plan_summary", "plan_lines", "explain", "apply_plan", "begin_run", "execute_plan", "finish_run",
            "abort_run", "check_output", "verify", "recover", "analyze", "world_build", "evaluate",
-           "load_search_config", "start_search", "resume_search", "search_status",
+           "load_search_config", "search_config_keys", "search_algorithms", "start_search", "resume_search", "search_status",
            "search_snapshots", "search_front"]
 
 
@@ -257,6 +257,18 @@ def evaluate(cat: Catalog, model: str, task: str | Path, limit: int | None = Non
 def load_search_config(path: str | Path) -> SearchConfig:
     from mergepipe.search.config import SearchConfig
     return SearchConfig.from_yaml(path)
+
+
+def search_config_keys() -> list[tuple[str, str, str]]:
+    """(key, default, meaning) of every search config key; quick (no torch), for --help."""
+    from mergepipe.search.config import config_keys
+    return config_keys()
+
+
+def search_algorithms() -> dict[str, str]:
+    """Every search algorithm's name and what it does; quick (no torch), for --help."""
+    from mergepipe.search.config import ALGORITHM_HELP
+    return dict(ALGORITHM_HELP)
 
 
 def start_search(cat: Catalog, config: str | Path | SearchConfig, home: str | Path | None = None,

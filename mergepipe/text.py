@@ -18,7 +18,7 @@ def format_rows(rows: Sequence[dict[str, Any]], fmt: str = "table",
         return "\n".join(json.dumps({c: r.get(c) for c in cols}, default=str) for r in rows)
     if fmt == "csv":
         buf = io.StringIO()
-        w = csv.writer(buf)
+        w = csv.writer(buf, lineterminator="\n")  # one row per line, as shell tools expect
         w.writerow(cols)
         for r in rows:
             w.writerow([r.get(c) for c in cols])

@@ -13,7 +13,7 @@ import click
 from mergepipe.cli.common import MergePipeGroup, Workspace
 
 
-@click.group(cls=MergePipeGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group("mergepipe", cls=MergePipeGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--home", type=click.Path(file_okay=False), envvar="MERGEPIPE_HOME",
               help="Workspace directory (catalog at DIR/catalog.duckdb). "
                    "Default: $MERGEPIPE_HOME or ~/.mergepipe.")
@@ -22,6 +22,10 @@ from mergepipe.cli.common import MergePipeGroup, Workspace
 @click.pass_context
 def cli(ctx: click.Context, home: str | None, catalog_url: str | None) -> None:
     """MergePipe: plan, run and record LLM merges like a database.
+
+    New here? `mergepipe demo` runs the whole job on a built-in tiny model
+    family; the README's session continues from it. Errors are one line,
+    `error: …`, with a nonzero exit.
 
     \b
     Typical session:

@@ -5,7 +5,7 @@ import click
 
 from mergepipe import api
 from mergepipe.cli import cli
-from mergepipe.cli.common import echo_json, stderr_progress, table
+from mergepipe.cli.common import Device, echo_json, format_option, stderr_progress, table
 from mergepipe.errors import MergePipeError
 from mergepipe.text import format_rows, human_bytes
 
@@ -44,7 +44,7 @@ def register(ws, path: str, name: str | None, as_json: bool) -> None:
 
 
 @cli.command()
-@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table")
+@format_option
 @click.pass_obj
 def models(ws, fmt: str) -> None:
     """List registered and merged models."""
@@ -93,7 +93,7 @@ def plan(ws, spec: str, io_budget: str | None, seed: int | None, no_analyze: boo
 
 @cli.command()
 @click.argument("plan_or_run")
-@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table")
+@format_option
 @click.pass_obj
 def explain(ws, plan_or_run: str, fmt: str) -> None:
     """Show a plan's reads per layer and model (PLAN_ID, or RUN_ID to compare with the run)."""
@@ -123,7 +123,8 @@ def explain(ws, plan_or_run: str, fmt: str) -> None:
 @budget_option
 @seed_option
 @click.option("--no-analyze", is_flag=True, help="Fail instead of computing missing block statistics.")
-@click.option("--device", default="cpu", show_default=True, help="Compute device (cpu, cuda, cuda:1).")
+@click.option("--device", type=Device(), default="cpu", show_default=True,
+              help="Compute device (cpu, cuda, cuda:1).")
 @click.option("--allow-nonfinite", is_flag=True, help="Merge even if an input holds NaN/Inf.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object describing the run.")
 @click.pass_obj
@@ -175,7 +176,7 @@ def apply(ws, spec: str | None, plan_id: str | None, out: str, name: str | None,
 
 @cli.command()
 @click.argument("name")
-@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table")
+@format_option
 @click.pass_obj
 def lineage(ws, name: str, fmt: str) -> None:
     """Show the full ancestry of a model (recursive over lineage edges)."""
@@ -191,7 +192,7 @@ def lineage(ws, name: str, fmt: str) -> None:
 
 @cli.command()
 @click.argument("query")
-@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table")
+@format_option
 @click.option("--timeout", type=float, default=api.DEFAULT_SQL_TIMEOUT, show_default=True,
               help="Stop the query after this many seconds.")
 @click.pass_obj
@@ -216,7 +217,9 @@ def sql(ws, query: str, fmt: str, timeout: float) -> None:
 
 @cli.command()
 @click.argument("path", type=click.Path(exists=True, file_okay=False))
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True,
+              help="Print one JSON object: path, plan_id, tensors, ok, problems (and "
+                   "exit nonzero when not ok).")
 def verify(path: str, as_json: bool) -> None:
     """Re-hash a merged model's tensors against its manifest."""
     res = api.verify(path)
@@ -229,7 +232,9 @@ def verify(path: str, as_json: bool) -> None:
 
 
 @cli.command()
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True,
+              help="Print one JSON object: the run ids completed and rolled back, and "
+                   "the staging directories removed.")
 @click.pass_obj
 def recover(ws, as_json: bool) -> None:
     """Finish or roll back merges interrupted by a crash; remove staging directories."""

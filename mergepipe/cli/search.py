@@ -29,7 +29,28 @@ def search() -> None:
     """Multi-objective layer-wise merge search (AP-BMM) and its baselines."""
 
 
-@search.command("run")
+class RunCommand(click.Command):
+    """`search run`, whose help lists the config keys and algorithms (read at --help time)."""
+
+    def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        with formatter.section("Config keys (YAML)"):
+            formatter.write_dl([(key, f"{meaning} [default: {default}]")
+                                for key, default, meaning in api.search_config_keys()])
+        with formatter.section("Algorithms"):
+            formatter.write_dl(list(api.search_algorithms().items()))
+        formatter.write_paragraph()
+        formatter.write_text("An unknown key is refused. Example:")
+        formatter.write_paragraph()
+        with formatter.indentation():
+            for line in RUN_EXAMPLE:
+                formatter.write_text(line)
+
+
+RUN_EXAMPLE = ("base: base", "reasoning: reasoning", "tasks: [./world/test.jsonl]",
+               "algorithm: apbmm", "n_init: 8", "n_total: 40", "workers: 4")
+
+
+@search.command("run", cls=RunCommand)
 @click.argument("config", type=click.Path(exists=True, dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print the final summary as JSON.")
 @click.option("--keep-all", is_flag=True, help="Keep every merged checkpoint, not only the front.")

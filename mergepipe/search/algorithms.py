@@ -14,12 +14,12 @@ import torch
 
 from mergepipe.search.acquisition import (build_acquisition, optimise_batch, optimise_pool,
                                           score_each)
+from mergepipe.search.config import ALGORITHMS  # the names live with the config (light)
 from mergepipe.search.objectives import pareto_mask
 from mergepipe.search.rerank import DUPLICATE_TOL, rerank, rms_distance
 from mergepipe.search.space import LayerSpace, model_level_spec
 from mergepipe.search.surrogate import fit_surrogate
 
-ALGORITHMS = ("apbmm", "sync-qnehvi", "sobol", "grid-ta", "grid-ties")
 TIES_DENSITY = 0.5
 ANCHOR_POINTS = ((0.0, 1.0), (1.0, 0.0))  # base and reasoning, by construction
 DIAGONAL_POINTS = 19    # model-level merges added to AP-BMM's candidate pool

@@ -1,22 +1,35 @@
-"""The search config (YAML), validated once so every later failure is about the search."""
+"""The search config (YAML), validated once so every later failure is about the search.
+
+Light to import (no torch, no BoTorch): `mergepipe search run --help` lists the
+keys, their defaults and the algorithms from here.
+"""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from mergepipe.errors import MergePipeError
-from mergepipe.evaluate.runner import BACKENDS
-from mergepipe.search.algorithms import ALGORITHMS
+from mergepipe.evaluate.runner import BACKENDS, DEFAULT_MAX_NEW_TOKENS
 
+# name -> what it does; `search/algorithms.py` implements each under this name
+ALGORITHM_HELP: dict[str, str] = {
+    "apbmm": "asynchronous prior-guided Bayesian search: a GP per objective, qLogNEHVI with "
+             "in-flight trials pending, gap-aware rerank (the default)",
+    "sync-qnehvi": "the same surrogate and acquisition in synchronous batches, no prior",
+    "sobol": "quasi-random layer-wise points (the shared initial design, continued)",
+    "grid-ta": "one model-level task-arithmetic weight on an even grid",
+    "grid-ties": "one model-level TIES weight on an even grid",
+}
+ALGORITHMS = tuple(ALGORITHM_HELP)
 EVALUATORS = ("checkpoint", "resident")
 POOLS = ("local", "ray")
 
 
 @dataclass
 class SearchConfig:
+    """One search; every field is a YAML key (see KEY_HELP for what each means)."""
+
     base: str
     reasoning: str
     tasks: list[str]
@@ -25,20 +38,20 @@ class SearchConfig:
     n_total: int = 40
     workers: int = 4
     seed: int = 0
-    limit: int | None = None          # problems per task (None: the whole file)
-    group_size: int = 1               # contiguous layers per coefficient
-    io_budget: Any = None             # expert-byte budget passed to the planner
+    limit: int | None = None
+    group_size: int = 1
+    io_budget: Any = None
     device: str = "cpu"
-    probe: str | None = None          # training JSONL for the activation prior
+    probe: str | None = None
     probe_n: int = 32
     max_new_tokens: int | None = None
-    stretch_alpha: float | None = None  # heavy-tailed evaluation-time emulation (Pareto α)
+    stretch_alpha: float | None = None
     out_dir: str | None = None
     keep_all: bool = False
-    evaluator: str = "checkpoint"     # checkpoint: write, then load | resident: merge in memory
-    backend: str = "transformers"     # the evaluation engine (transformers | vllm)
-    pool: str = "local"               # local worker processes | ray actors
-    ray_address: str | None = None    # an existing Ray cluster (default: start a local one)
+    evaluator: str = "checkpoint"
+    backend: str = "transformers"
+    pool: str = "local"
+    ray_address: str | None = None
 
     def __post_init__(self) -> None:
         if self.algorithm not in ALGORITHMS:
@@ -100,6 +113,7 @@ class SearchConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "SearchConfig":
+        import yaml  # here, so that `search run --help` stays quick
         p = Path(path)
         try:
             data = yaml.safe_load(p.read_text())
@@ -117,3 +131,51 @@ class SearchConfig:
             raise MergePipeError(f"no training split for probe prompts: set `probe:` in the "
                                  f"config (looked for {cand})")
         return cand
+
+
+KEY_HELP: dict[str, str] = {
+    "base": "the base model: a registered name or a checkpoint directory",
+    "reasoning": "the reasoning model, same forms",
+    "tasks": "JSONL files of {prompt, answer}; the objectives are accuracy and mean "
+             "generated tokens over them",
+    "algorithm": "how candidates are proposed: " + " | ".join(ALGORITHMS),
+    "n_init": "trials from the shared Sobol design before the algorithm proposes",
+    "n_total": "trials in all",
+    "workers": "candidates merged and evaluated at once",
+    "seed": "seeds the Sobol design and the proposals",
+    "limit": "problems per task",
+    "group_size": "contiguous layers that share one coefficient",
+    "io_budget": "expert-byte budget of each merge plan (10%, 2GiB)",
+    "device": "where candidates are merged and evaluated (cpu, cuda, cuda:1)",
+    "probe": "training JSONL for the activation prior",
+    "probe_n": "probe prompts for the activation prior",
+    "max_new_tokens": "generation cap per problem",
+    "stretch_alpha": "emulate heavy-tailed evaluation times with this Pareto alpha",
+    "out_dir": "candidate checkpoints go to OUT_DIR/<search id>",
+    "keep_all": "keep every candidate checkpoint, not only the Pareto front",
+    "evaluator": "checkpoint: write each candidate, then load it | "
+                 "resident: merge in memory into a live engine per worker",
+    "backend": "the evaluation engine: " + " | ".join(BACKENDS),
+    "pool": "local: worker processes | ray: Ray actors",
+    "ray_address": "an existing Ray cluster, HEAD:6379",
+}
+# what an unset (None) key means
+UNSET_MEANS: dict[str, str] = {
+    "limit": "the whole file", "io_budget": "read everything",
+    "probe": "train.jsonl beside the first task",
+    "max_new_tokens": str(DEFAULT_MAX_NEW_TOKENS), "stretch_alpha": "off",
+    "out_dir": "<workspace>/searches", "ray_address": "start a local Ray",
+}
+
+
+def config_keys() -> list[tuple[str, str, str]]:
+    """(key, default, meaning) of every search config key, in the dataclass's order;
+    the default is written as YAML would, or says what leaving the key out means."""
+    out = []
+    for f in fields(SearchConfig):
+        if f.default is MISSING:
+            default = "required"
+        else:
+            default = UNSET_MEANS[f.name] if f.default is None else str(f.default).lower()
+        out.append((f.name, default, KEY_HELP[f.name]))
+    return out
