@@ -226,6 +226,9 @@ def world_build(size: str = "default", dest: str | Path | None = None, rebuild: 
     Returns where it is (``dir``, ``cache``), whether it was ``built``, and the
     build's timings in seconds."""
     from mergepipe.world import copy_world, obtain_world
+    from mergepipe.world.build import check_world_dest
+    if dest:
+        check_world_dest(Path(dest))  # before a build of minutes
     path, timings = obtain_world(size, log=log, rebuild=rebuild)
     where = path
     if dest:
@@ -241,13 +244,22 @@ def evaluate(cat: Catalog, model: str, task: str | Path, limit: int | None = Non
              max_new_tokens: int = 128, batch_size: int = 64,
              log: bool = False) -> tuple[dict[str, Any], EvalResult]:
     """Score a model (name or folder) on a task (JSONL path or built-in world split)
-    and record the metrics in the catalog's evaluations table."""
+    and record the metrics in the catalog's evaluations table.
+
+    The model is found first (a missing one fails before a world is built); a
+    failure after that unregisters a folder this call registered."""
     from mergepipe.evaluate import evaluate_model
+    from mergepipe.runs.apply import forget_fresh_models
     from mergepipe.world import resolve_task
-    t = resolve_task(task, log=log).head(limit)
+    before = list(cat.fresh_models)
     row = resolve_model(cat, model)
-    res = evaluate_model(row["path"], t, device=device, max_new_tokens=max_new_tokens,
-                         backend=backend, batch_size=batch_size)
+    try:
+        t = resolve_task(task, log=log).head(limit)
+        res = evaluate_model(row["path"], t, device=device, max_new_tokens=max_new_tokens,
+                             backend=backend, batch_size=batch_size)
+    except BaseException:
+        forget_fresh_models(cat, before)
+        raise
     cat.record_evaluation(row["model_id"], res.task, res.metrics(), res.n, res.backend,
                           split=res.split, wall_s=res.wall_s)
     return row, res

@@ -42,6 +42,13 @@ BAD = [
     ["search", "status", "nosuch"], ["search", "resume", "nosuch"], ["search", "pareto", "nosuch"],
     ["search", "run", "{file}"], ["eval", "nosuch", "--task", "{tmp}/missing.jsonl"],
     ["analyze", "nosuch", "--base", "nosuch"],
+    # values that would be silently useless
+    ["register", "{dir}", "--name", ""], ["register", "{dir}", "--name", " base"],
+    ["eval", "x", "--task", "t", "--batch-size", "0"], ["eval", "x", "--task", "t", "--limit", "0"],
+    ["eval", "x", "--task", "t", "--max-new-tokens", "0"],
+    ["world", "build", "--size", "test", "--dir", "{notworld}"],
+    # a missing model fails before any world is built (no world cache afterwards)
+    ["eval", "nosuch", "--task", "world-test"],
 ]
 
 
@@ -49,7 +56,11 @@ def fill(args: list[str], tmp_path: Path) -> list[str]:
     (tmp_path / "empty").mkdir(exist_ok=True)
     spec = tmp_path / "spec.yml"
     spec.write_text("merge_method: nosuch\nmodels: []\n")
-    return [a.format(tmp=tmp_path, file=spec, dir=tmp_path / "empty") for a in args]
+    notworld = tmp_path / "notworld"
+    (notworld / "base").mkdir(parents=True, exist_ok=True)
+    (notworld / "base" / "keep.txt").write_text("mine")
+    return [a.format(tmp=tmp_path, file=spec, dir=tmp_path / "empty", notworld=notworld)
+            for a in args]
 
 
 def assert_one_error_line(res_stdout: str, res_stderr: str, code: int) -> None:
@@ -67,9 +78,11 @@ def test_bad_invocation_is_one_error_line(args, cli, tmp_path):
 
 def test_usage_errors_name_the_problem_and_the_help_to_read(cli, tmp_path):
     res = cli("register", tmp_path / "nonexistent", ok=False)
-    assert res.exit_code == 2
+    assert res.exit_code != 0  # a path or a hub id: the library says which it is not
     assert "nonexistent" in res.stderr and "does not exist" in res.stderr
-    assert "'mergepipe register --help'" in res.stderr
+    res = cli("verify", tmp_path / "nonexistent", ok=False)
+    assert res.exit_code == 2 and "does not exist" in res.stderr
+    assert "'mergepipe verify --help'" in res.stderr
     res = cli("world", "build", "--size", "huge", ok=False)
     assert "'huge' is not one of 'test', 'default'" in res.stderr
     assert "'mergepipe world build --help'" in res.stderr
@@ -120,3 +133,13 @@ def _env(tmp_path: Path) -> dict[str, str]:
     import os
     return {**os.environ, "MERGEPIPE_HOME": str(tmp_path / "ws"),
             "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+
+
+def test_refusals_touch_nothing(cli, tmp_path, monkeypatch):
+    """A folder that is not a world is not overwritten; a missing model builds no world."""
+    monkeypatch.setenv("MERGEPIPE_CACHE", str(tmp_path / "cache"))
+    args = fill(["world", "build", "--size", "test", "--dir", "{notworld}"], tmp_path)
+    assert cli(*args, ok=False).exit_code != 0
+    assert (tmp_path / "notworld" / "base" / "keep.txt").read_text() == "mine"
+    res = cli("eval", "nosuch", "--task", "world-test", ok=False)
+    assert "nosuch" in res.stderr and not (tmp_path / "cache").exists()

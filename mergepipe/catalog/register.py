@@ -191,6 +191,9 @@ def register_model(cat: Catalog, path: str | Path, name: str | None = None,
     p = scanned.path
     weights = list(scanned.headers)
     fp, stats = fingerprint_files(p, weights + list(scanned.side_files))
+    if name is not None and (not name.strip() or name != name.strip() or "\n" in name):
+        raise MergePipeError(f"model name {name!r} is empty or starts or ends with blanks; "
+                             f"give a visible name")
     existing = cat.model_by_path(p)
     renamed_from: tuple[str, dict[str, Any]] | None = None
     if name is None and existing:

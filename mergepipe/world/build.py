@@ -24,6 +24,7 @@ from typing import Iterator
 import torch
 
 from mergepipe.evaluate.hf import quiet_transformers
+from mergepipe.errors import MergePipeError
 from mergepipe.files import pid_alive
 from mergepipe.world.problems import Problem, sample, write_jsonl
 from mergepipe.world.recipe import WorldRecipe, recipe_for
@@ -182,9 +183,20 @@ def ensure_world(size: str = "default", log: bool = False) -> Path:
     return obtain_world(size, log=log)[0]
 
 
-def copy_world(src: Path, dest: Path) -> None:
-    """Materialise a cached world at a user-chosen directory."""
+def check_world_dest(dest: Path) -> None:
+    """A world may be copied into a new or empty folder, or over an earlier copy of a
+    world (its files are replaced); anything else is refused, before any build."""
     dest = Path(dest)
+    if dest.exists() and (not dest.is_dir() or
+                          (any(dest.iterdir()) and not (dest / "world.json").exists())):
+        raise MergePipeError(f"--dir {dest} exists and is not an earlier copy of a world "
+                             f"(no world.json); choose a new or empty folder")
+
+
+def copy_world(src: Path, dest: Path) -> None:
+    """Materialise a cached world at a user-chosen directory (see :func:`check_world_dest`)."""
+    dest = Path(dest)
+    check_world_dest(dest)
     dest.mkdir(parents=True, exist_ok=True)
     for name in WORLD_FILES:
         s, d = src / name, dest / name
