@@ -174,18 +174,18 @@ def test_a_trial_that_fails_to_finish_leaves_no_evaluation_rows(tmp_path, world,
     """Evaluations and the DONE mark commit together: if marking the trial fails after its
     evaluations were written (as a kill there would), none of them may stay behind, or a
     resume would evaluate the same model a second time."""
-    from mergepipe.search import trials
+    from mergepipe.search import trials as trial_rows
     from mergepipe.search.config import SearchConfig
     from mergepipe.search.coordinator import start_search
 
-    real = trials.finish_trial
+    real = trial_rows.finish_trial
 
     def fail_first_done(cat, search_id, trial, *, ok, **kw):
         if ok and trial == 0:
             raise RuntimeError("catalog write failed")
         return real(cat, search_id, trial, ok=ok, **kw)
 
-    monkeypatch.setattr(store, "finish_trial", fail_first_done)
+    monkeypatch.setattr(trial_rows, "finish_trial", fail_first_done)
     cfg = SearchConfig.from_yaml(write_config(tmp_path / "search.yml", world, n_init=2,
                                               n_total=2, workers=1, algorithm="sobol",
                                               limit=4))
