@@ -82,7 +82,7 @@ SIZES: dict[str, WorldRecipe] = {
                         batch_size=64),
     "default": WorldRecipe(size="default", hidden=64, layers=2, heads=2, intermediate=128,
                            min_steps=2, max_steps=5, show_work_floor=0.4,
-                           pretrain_steps=800, finetune_steps=150, batch_size=64,
+                           pretrain_steps=800, finetune_steps=250, batch_size=64,
                            base_worked_share=(0.0, 0.05, 0.2, 0.4),
                            reasoning_direct_share=(0.4, 0.2, 0.05, 0.0)),
 }
