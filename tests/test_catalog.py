@@ -106,3 +106,26 @@ def test_schema_version_is_recorded(cli):
     with open_catalog(cli.home) as cat:
         v = cat.rows(sa.select(schema.meta.c.value).where(schema.meta.c.key == "schema_version"))
     assert v == [{"value": str(schema.SCHEMA_VERSION)}]
+
+
+def test_an_up_to_date_catalog_opens_without_ddl_and_a_changed_schema_gets_it(tmp_path, monkeypatch):
+    """Opening is cheap when the stored schema hash matches (no DDL, no bound parameters);
+    a schema that changed, even at the same version, is brought up to date on open."""
+    from mergepipe.catalog import schema
+    from mergepipe.catalog.store import open_catalog
+    with open_catalog(tmp_path) as cat:
+        assert cat.conn.exec_driver_sql("SELECT value FROM meta WHERE key = 'schema_hash'"
+                                        ).scalar() == schema.fingerprint()
+        cat.conn.exec_driver_sql("DROP VIEW runs_view")
+        cat.conn.commit()
+    with open_catalog(tmp_path) as cat:  # current: nothing is recreated
+        views = {r[0] for r in cat.conn.exec_driver_sql(
+            "SELECT view_name FROM duckdb_views() WHERE NOT internal").fetchall()}
+        assert "runs_view" not in views and "lineage_view" in views
+    monkeypatch.setattr(schema, "fingerprint", lambda: "changed")
+    with open_catalog(tmp_path) as cat:
+        views = {r[0] for r in cat.conn.exec_driver_sql(
+            "SELECT view_name FROM duckdb_views() WHERE NOT internal").fetchall()}
+        assert "runs_view" in views
+        assert cat.conn.exec_driver_sql("SELECT value FROM meta WHERE key = 'schema_hash'"
+                                        ).scalar() == "changed"

@@ -264,3 +264,14 @@ VIEWS = {
                e.wall_s, e.created_at
         FROM evaluations e JOIN models m ON m.model_id = e.model_id""",
 }
+
+
+def fingerprint() -> str:
+    """A hash of every table, column and view this code defines: a catalog that carries
+    it needs no DDL on open (a changed schema, even at the same version, gets it)."""
+    import hashlib
+    parts = [f"{t.name}:{c.name}:{c.type!r}:{c.nullable}:{c.primary_key}"
+             for t in metadata.sorted_tables for c in t.columns]
+    parts += [f"view {name}:{body}" for name, body in sorted(VIEWS.items())]
+    parts += [f"added {t.name}.{c}" for t, c in ADDED_COLUMNS]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]

@@ -84,7 +84,23 @@ class Catalog:
         except Exception as exc:  # driver errors vary; translate the lock case
             raise _translate_open_error(self.url, exc, self.read_only) from None
 
+    def _schema_current(self) -> bool:
+        """Whether the catalog already has exactly this mergepipe's tables and views
+        (then opening it changes and checks nothing: no DDL, no bound parameters)."""
+        try:
+            rows = dict(self.conn.exec_driver_sql(
+                "SELECT key, value FROM meta WHERE key IN ('schema_version', 'schema_hash')"
+            ).fetchall())
+        except sa.exc.DBAPIError:  # no meta table yet
+            rows = {}
+        finally:
+            self.conn.rollback()
+        return rows.get("schema_version") == str(schema.SCHEMA_VERSION) and \
+            rows.get("schema_hash") == schema.fingerprint()
+
     def _ensure_schema(self) -> None:
+        if self._schema_current():
+            return
         with self.conn.begin():  # a newer catalog raises inside: nothing is changed
             schema.metadata.create_all(self.conn)
             version = self._schema_version()
@@ -105,10 +121,15 @@ class Catalog:
                 self.conn.execute(schema.meta.update().where(
                     schema.meta.c.key == "schema_version").values(
                     value=str(schema.SCHEMA_VERSION)))
+            self.conn.execute(schema.meta.delete().where(schema.meta.c.key == "schema_hash"))
+            self.conn.execute(schema.meta.insert().values(key="schema_hash",
+                                                          value=schema.fingerprint()))
 
     def _schema_version(self) -> int | None:
-        row = self.conn.execute(sa.select(schema.meta.c.value).where(
-            schema.meta.c.key == "schema_version")).first()
+        # a literal, not a bound parameter: DuckDB imports pandas (seconds) to bind
+        # one, and every command, `sql` and `models` included, opens through here
+        row = self.conn.exec_driver_sql(
+            "SELECT value FROM meta WHERE key = 'schema_version'").first()
         return int(row[0]) if row else None
 
     def _older_schema(self) -> bool:
