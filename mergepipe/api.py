@@ -246,15 +246,18 @@ def evaluate(cat: Catalog, model: str, task: str | Path, limit: int | None = Non
     """Score a model (name or folder) on a task (JSONL path or built-in world split)
     and record the metrics in the catalog's evaluations table.
 
-    The model is found first (a missing one fails before a world is built); a
-    failure after that unregisters a folder this call registered."""
+    Cheap checks come first: a task file is read before the model is looked up,
+    and a missing model fails before a world (minutes) is built. A failure after
+    the lookup unregisters a folder this call registered."""
     from mergepipe.evaluate import evaluate_model
     from mergepipe.runs.apply import forget_fresh_models
-    from mergepipe.world import resolve_task
+    from mergepipe.world.tasks import names_a_file, resolve_task
+    t = resolve_task(task, log=log).head(limit) if names_a_file(task) else None
     before = list(cat.fresh_models)
     row = resolve_model(cat, model)
     try:
-        t = resolve_task(task, log=log).head(limit)
+        if t is None:
+            t = resolve_task(task, log=log).head(limit)
         res = evaluate_model(row["path"], t, device=device, max_new_tokens=max_new_tokens,
                              backend=backend, batch_size=batch_size)
     except BaseException:

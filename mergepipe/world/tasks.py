@@ -10,11 +10,18 @@ from mergepipe.world.build import ensure_world
 BUILTIN_HELP = "world[-SIZE][:SPLIT], e.g. world, world:train, world-test"
 
 
+def names_a_file(spec: str | Path) -> bool:
+    """Whether a task argument is a JSONL path (cheap to check) rather than a world name."""
+    text = str(spec)
+    path = Path(text)
+    return path.suffix == ".jsonl" or path.exists() or "/" in text
+
+
 def resolve_task(spec: str | Path, log: bool = False) -> Task:
     """A JSONL path, or a built-in name for a world split (built on first use)."""
     text = str(spec)
     path = Path(text)
-    if path.suffix == ".jsonl" or path.exists() or "/" in text:
+    if names_a_file(spec):
         return load_task(path, split=path.stem if path.stem in ("train", "test") else None)
     base, _, split = text.partition(":")
     split = split or "test"
