@@ -64,16 +64,23 @@ COMMANDS = [
 ]
 
 
-def timed(cmd: list[str], env: dict[str, str], repeat: int) -> tuple[float, float]:
+def timed(cmd: list[str], env: dict[str, str], repeat: int, cwd: str) -> tuple[float, float]:
     walls = []
     for _ in range(repeat):
         t0 = time.perf_counter()
-        res = subprocess.run([sys.executable, "-m", "mergepipe", *cmd], env=env,
+        res = subprocess.run([sys.executable, "-m", "mergepipe", *cmd], env=env, cwd=cwd,
                              capture_output=True, text=True)
         walls.append(time.perf_counter() - t0)
         if res.returncode != 0:
             raise SystemExit(f"{cmd}: {res.stderr.strip()}")
     return min(walls), statistics.median(walls)
+
+
+def _version_of(code: str) -> str:
+    """The commit of the measured checkout, when it is a git checkout."""
+    res = subprocess.run(["git", "-C", code, "rev-parse", "--short", "HEAD"],
+                         capture_output=True, text=True)
+    return res.stdout.strip() or code
 
 
 def main() -> None:
@@ -91,21 +98,21 @@ def main() -> None:
                "HF_HUB_OFFLINE": "1"}
         out = subprocess.run([sys.executable, "-c", BUILD.format(tests=tests, root=tmp,
                                                                  runs=args.runs)],
-                             env=env, capture_output=True, text=True)
+                             env=env, cwd=tmp, capture_output=True, text=True)
         if out.returncode != 0:
             raise SystemExit(out.stderr)
         n = int(out.stdout.strip().splitlines()[-1])
         rows = []
         for cmd in COMMANDS:
             try:
-                best, med = timed(cmd, env, args.repeat)
+                best, med = timed(cmd, env, args.repeat, tmp)  # cwd: not a checkout
             except SystemExit as exc:  # a command the measured code does not have
                 rows.append({"command": " ".join(cmd), "error": str(exc)[:120]})
                 continue
             rows.append({"command": " ".join(cmd), "best_s": round(best, 3),
                          "median_s": round(med, 3)})
     load = os.getloadavg()
-    doc = {"label": args.label, "code": args.code, "runs": n, "repeat": args.repeat,
+    doc = {"label": args.label, "code": args.code, "mergepipe": _version_of(args.code), "runs": n, "repeat": args.repeat,
            "loadavg": [round(x, 2) for x in load], "rows": rows}
     print(json.dumps(doc, indent=1))
     if args.json_out:
