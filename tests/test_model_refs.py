@@ -226,12 +226,13 @@ def test_an_older_catalog_gains_the_hub_columns_on_open(tiny_family, tmp_path):
             cat.conn.exec_driver_sql(f"DROP VIEW {view}")
         for col in ("repo_id", "revision"):
             cat.conn.exec_driver_sql(f"ALTER TABLE models DROP COLUMN {col}")
-        cat.execute(schema.meta.update().values(value="1"))
+        cat.execute(schema.meta.update().where(schema.meta.c.key == "schema_version")
+                    .values(value="1"))
         cat.conn.commit()
     with api.open_catalog(home, read_only=True) as cat:  # `mergepipe sql` opens it so
         assert api.run_sql(cat, "SELECT name, repo_id, revision FROM models") == [
             {"name": "base", "repo_id": None, "revision": None}]
-        assert cat.rows(sa.select(schema.meta.c.value)) == [
-            {"value": str(schema.SCHEMA_VERSION)}]
+        assert cat.rows(sa.select(schema.meta.c.value).where(
+            schema.meta.c.key == "schema_version")) == [{"value": str(schema.SCHEMA_VERSION)}]
     with api.open_catalog(home) as cat:  # and opening it again changes nothing
         assert len(api.models(cat)) == 1
