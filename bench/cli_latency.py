@@ -53,7 +53,20 @@ with api.open_catalog(root / "ws") as cat:
         row.update(run_id=uuid.uuid4().hex, model_id=mid)
         c.execute(f"INSERT INTO runs ({{', '.join(cols)}}) VALUES ({{', '.join('?' * len(cols))}})",
                   list(row.values()))
-    print(c.execute("SELECT count(*) FROM runs").fetchone()[0])
+
+    # a finished search of 50 trials (rows only), summarised as its coordinator leaves it
+    from mergepipe.search import {trials_module} as rows
+    sid = rows.create_search(cat, "sobol", {{"workers": 2, "n_total": 50}})
+    for i in range(50):
+        rows.submit_trial(cat, sid, i, [i / 50], f"plan{{i}}", "s1.w0")
+        rows.finish_trial(cat, sid, i, ok=True, objectives=(i / 50, 1 - (i / 50) ** 2),
+                          started=1e9 + i, finished=1e9 + i + 0.5, accuracy=0.5,
+                          mean_tokens=10.0)
+    rows.update_search(cat, sid, status="FINISHED")
+    if hasattr(rows, "store_summary"):
+        from mergepipe.search.report import summarise
+        rows.store_summary(cat, sid, summarise(cat, sid))
+    print(cat.conn.connection.dbapi_connection.execute("SELECT count(*) FROM runs").fetchone()[0])
 """
 
 COMMANDS = [
@@ -96,8 +109,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="cli-latency-") as tmp:
         env = {**os.environ, "PYTHONPATH": args.code, "MERGEPIPE_HOME": str(Path(tmp) / "ws"),
                "HF_HUB_OFFLINE": "1"}
-        out = subprocess.run([sys.executable, "-c", BUILD.format(tests=tests, root=tmp,
-                                                                 runs=args.runs)],
+        old = not (Path(args.code) / "mergepipe" / "search" / "trials.py").exists()
+        build = BUILD.format(tests=tests, root=tmp, runs=args.runs,
+                             trials_module="store" if old else "trials")
+        out = subprocess.run([sys.executable, "-c", build],
                              env=env, cwd=tmp, capture_output=True, text=True)
         if out.returncode != 0:
             raise SystemExit(out.stderr)

@@ -306,11 +306,25 @@ def resume_search(cat: Catalog, search_id: str, home: str | Path | None = None,
 
 
 def search_status(cat: Catalog, search_id: str | None = None) -> list[dict[str, Any]]:
-    """Trials, hypervolume and utilisation of one search (or every search)."""
+    """Trials, hypervolume and utilisation of one search (or every search).
+
+    The summary the coordinator stored is used while the trial rows are as it saw
+    them (no torch needed); otherwise it is computed again from the rows."""
     from mergepipe.search import trials
-    from mergepipe.search.report import summarise
-    ids = [search_id] if search_id else [r["search_id"] for r in trials.list_searches(cat)]
-    return [summarise(cat, i) for i in ids]
+    ids, fresh = trials.stored_summaries(cat, search_id)
+    if search_id is not None and len(ids) != 1:
+        trials.get_search(cat, search_id)  # says: no such search, or an ambiguous prefix
+    stale = [i for i in ids if i not in fresh]
+    if stale:
+        from mergepipe.search.report import summarise
+        fresh.update({i: json_ready(summarise(cat, i)) for i in stale})
+    return [fresh[i] for i in ids]
+
+
+def json_ready(doc: dict[str, Any]) -> dict[str, Any]:
+    """A summary as stored (timestamps as text), so fresh and stored ones print alike."""
+    import json
+    return json.loads(json.dumps(doc, default=str))
 
 
 def search_snapshots(home: str | Path | None = None,

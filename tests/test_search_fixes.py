@@ -125,3 +125,34 @@ def test_evaluator_and_backend_are_checked(tmp_path, key, value, message):
     with pytest.raises(MergePipeError) as err:
         SearchConfig.from_dict({"base": "b", "reasoning": "r", "tasks": [str(task)], key: value})
     assert str(err.value) == message
+
+
+def test_search_status_answers_from_the_stored_summary_without_torch(cli, tmp_path):
+    """A summary stored by the coordinator is used while the trial rows are unchanged
+    (no torch, no BoTorch); a changed row makes status compute it again."""
+    import subprocess
+    import sys
+
+    from mergepipe import api
+    from mergepipe.search.report import summarise
+    task = tmp_path / "t.jsonl"
+    task.write_text('{"prompt": "p", "answer": "1"}\n')
+    sid = _search_with_rows(cli.home, task, [(0.5, 0.4), (0.4, 0.3), (0.2, 0.9)])
+    with open_catalog(cli.home) as cat:
+        computed = api.json_ready(summarise(cat, sid))
+        trials.store_summary(cat, sid, summarise(cat, sid))
+    probe = ("import json, sys; sys.argv = ['mergepipe', 'search', 'status', '--json']\n"
+             "from mergepipe.cli import main\n"
+             "try:\n    main()\nexcept SystemExit:\n    pass\n"
+             "print(json.dumps(sorted(m for m in ('torch', 'botorch') if m in sys.modules)))")
+    env = {**__import__("os").environ, "MERGEPIPE_HOME": str(cli.home)}
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env,
+                         cwd=tmp_path)
+    status, heavy = out.stdout.strip().splitlines()
+    assert json.loads(heavy) == [] and json.loads(status) == computed
+    with open_catalog(cli.home) as cat:  # one more finished trial: the stored one is stale
+        trials.submit_trial(cat, sid, 3, [0.3], "plan3", "s1.w0")
+        trials.finish_trial(cat, sid, 3, ok=True, objectives=(0.6, 0.2), started=1e9 + 3,
+                            finished=1e9 + 3.5, accuracy=0.4, mean_tokens=5.0)
+    status = json.loads(cli("search", "status", sid, "--json").stdout)
+    assert status["trials"] == 4 and status["hypervolume"] > computed["hypervolume"]

@@ -8,7 +8,7 @@ from __future__ import annotations
 from sqlalchemy import (BigInteger, Column, DateTime, Double, Integer, LargeBinary,
                         MetaData, String, Table, Text)
 
-SCHEMA_VERSION = 2  # 2: models.repo_id and models.revision
+SCHEMA_VERSION = 3  # 2: models.repo_id and models.revision; 3: searches.summary_json
 
 metadata = MetaData()
 
@@ -188,7 +188,8 @@ searches = Table(
     Column("anchors_json", Text),                       # base / reasoning evaluations
     Column("created_at", DateTime, nullable=False),
     Column("finished_at", DateTime),
-)
+    Column("summary_json", Text),     # the last summary the coordinator computed, keyed
+)                                     # by the trial rows it was computed from
 
 trials = Table(
     "trials", metadata,
@@ -212,7 +213,7 @@ trials = Table(
 
 # Columns added after a table first shipped: an older catalog gains them on open
 # (create_all makes missing tables, never missing columns).
-ADDED_COLUMNS = [(models, "repo_id"), (models, "revision")]
+ADDED_COLUMNS = [(models, "repo_id"), (models, "revision"), (searches, "summary_json")]
 
 
 # Views for people who query lineage with SQL: names instead of ids.

@@ -125,6 +125,7 @@ class SearchRun:
         trials.update_search(self.cat, self.sid, status="FINISHED", finished_at=now())
         summary = summarise(self.cat, self.sid)
         write_snapshot(self.root, summary)
+        trials.store_summary(self.cat, self.sid, summary)
         return summary
 
     def _loop(self, pool: WorkerPool) -> None:
@@ -304,7 +305,9 @@ class SearchRun:
 
     def _snapshot(self) -> None:
         """Status for readers while this process holds the catalog (DuckDB admits one)."""
-        write_snapshot(self.root, summarise(self.cat, self.sid))
+        summary = summarise(self.cat, self.sid)
+        write_snapshot(self.root, summary)
+        trials.store_summary(self.cat, self.sid, summary)
 
     def _collect_garbage(self, rows: list[dict[str, Any]]) -> None:
         """Delete merged checkpoints that are off the Pareto front (unless keep_all)."""

@@ -100,3 +100,42 @@ def interrupted_trials(cat: Catalog, search_id: str) -> list[dict[str, Any]]:
     cat.execute(T.update().where(T.c.search_id == search_id, T.c.status.notin_(FINISHED))
                 .values(status="PENDING", worker=None, started_at=None))
     return [t for t in list_trials(cat, search_id) if t["status"] == "PENDING"]
+
+
+def _rows_keys(cat: Catalog) -> dict[str, str]:
+    """Per search, a key of its search row and trial rows: statuses, counts, last finish.
+
+    Plain SQL without bound parameters (DuckDB would import pandas to bind one), so
+    `search status` can answer from stored summaries without torch or pandas."""
+    keys: dict[str, list[str]] = {}
+    for r in cat.rows(sa.text("SELECT search_id, status, finished_at FROM searches")):
+        keys[r["search_id"]] = [f"{r['status']}:{r['finished_at']}"]
+    for r in cat.rows(sa.text(
+            "SELECT search_id, status, count(*) AS n, max(finished_at) AS last FROM trials "
+            "GROUP BY search_id, status ORDER BY search_id, status")):
+        keys.setdefault(r["search_id"], []).append(f"{r['status']}:{r['n']}:{r['last']}")
+    return {sid: "|".join(k) for sid, k in keys.items()}
+
+
+def store_summary(cat: Catalog, search_id: str, summary: dict[str, Any]) -> None:
+    """Keep a summary with the key of the rows it was computed from."""
+    doc = {"rows_key": _rows_keys(cat).get(search_id), "summary": summary}
+    cat.execute(S.update().where(S.c.search_id == search_id).values(
+        summary_json=json.dumps(doc, default=str)))
+
+
+def stored_summaries(cat: Catalog, search_id: str | None = None
+                     ) -> tuple[list[str], dict[str, dict[str, Any]]]:
+    """The search ids (all, or the one ``search_id`` prefixes), and the stored summary of
+    each whose rows have not changed since it was stored."""
+    keys = _rows_keys(cat)
+    rows = [(r["search_id"], r["summary_json"]) for r in cat.rows(sa.text(
+        "SELECT search_id, summary_json FROM searches ORDER BY created_at, search_id"))]
+    ids = [sid for sid, _ in rows if search_id is None or sid.startswith(search_id)]
+    fresh = {}
+    for sid, doc in rows:
+        if sid in ids and doc:
+            stored = json.loads(doc)
+            if stored.get("rows_key") == keys.get(sid):
+                fresh[sid] = stored["summary"]
+    return ids, fresh
