@@ -113,3 +113,12 @@ def cli(tmp_path) -> Cli:
 def write_spec(path: Path, text: str) -> Path:
     path.write_text(text)
     return path
+
+
+def ties_with_a_gradient(path: Path) -> Path:
+    """TIES over models registered as base, math and code; code's weight runs
+    0.2 → 0.6 across the layers, so per-layer records have something to show."""
+    return write_spec(path, "merge_method: ties\nbase_model: base\nmodels:\n"
+                      "  - model: math\n    parameters: {weight: 0.7, density: 0.5}\n"
+                      "  - model: code\n    parameters: {weight: [0.2, 0.6], density: 0.5}\n"
+                      "dtype: float32\n")

@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.conftest import Cli, write_spec
+from tests.conftest import Cli, ties_with_a_gradient, write_spec
 
 LAYERS = 4  # the tiny family's depth
 
@@ -24,10 +24,7 @@ def _register(cli, fam):
 
 
 def _ties(tmp_path: Path) -> Path:
-    return write_spec(tmp_path / "ties.yml", "merge_method: ties\nbase_model: base\nmodels:\n"
-                      "  - model: math\n    parameters: {weight: 0.7, density: 0.5}\n"
-                      "  - model: code\n    parameters: {weight: [0.2, 0.6], density: 0.5}\n"
-                      "dtype: float32\n")
+    return ties_with_a_gradient(tmp_path / "ties.yml")
 
 
 def _gradient(lo: float, hi: float, layer: int) -> float:

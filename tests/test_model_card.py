@@ -10,7 +10,7 @@ import yaml
 
 from mergepipe.catalog import schema
 from mergepipe.runs.manifest import MANIFEST
-from tests.conftest import write_spec
+from tests.conftest import ties_with_a_gradient, write_spec
 
 
 def _card(out: Path) -> tuple[dict, str]:
@@ -30,10 +30,7 @@ def _register(cli, fam):
 
 
 def _ties(tmp_path: Path) -> Path:
-    return write_spec(tmp_path / "ties.yml", "merge_method: ties\nbase_model: base\nmodels:\n"
-                      "  - model: math\n    parameters: {weight: 0.7, density: 0.5}\n"
-                      "  - model: code\n    parameters: {weight: [0.2, 0.6], density: 0.5}\n"
-                      "dtype: float32\n")
+    return ties_with_a_gradient(tmp_path / "ties.yml")
 
 
 def test_card_names_the_base_parents_method_plan_and_run(cli, tiny_family, tmp_path):
