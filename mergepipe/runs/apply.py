@@ -13,14 +13,14 @@ from typing import Any
 from mergepipe.catalog import schema
 from mergepipe.catalog.stats import missing_stats
 from mergepipe.catalog.store import Catalog
-from mergepipe.engine.execute import DEFAULT_BLOCK_BYTES, ExecReport, execute_plan
+from mergepipe.engine.execute import DEFAULT_BLOCK_BYTES, execute_plan
 from mergepipe.planner.budget import apply_budget, budget_models, resolve_budget
 from mergepipe.planner.exact import build_exact_plan
 from mergepipe.planner.plan import Plan
 from mergepipe.planner.records import store_plan
 from mergepipe.runs.analyze import analyze
 from mergepipe.runs.reuse import NotReusable, reuse_commit
-from mergepipe.runs.transaction import (ApplyResult, RunTicket, abort_run, begin_run,
+from mergepipe.runs.transaction import (ApplyResult, abort_run, begin_run,
                                         commit_run, committed_result)
 
 
@@ -123,8 +123,3 @@ def apply_plan(cat: Catalog, plan: Plan, out: str | Path, name: str | None = Non
             exc.filename = ticket.out  # a failed write names no file; say where it went
         raise
 
-
-def finish_run(cat: Catalog, plan: Plan, ticket: RunTicket, report: ExecReport,
-               name: str | None = None) -> ApplyResult:
-    """Commit a run whose engine work is done (possibly in another process)."""
-    return commit_run(cat, plan, ticket, report, name)

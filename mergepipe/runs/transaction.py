@@ -180,7 +180,7 @@ def begin_run(cat: Catalog, plan: Plan, out: str | Path, overwrite: bool = False
               name: str | None = None) -> RunTicket:
     """Check the output, record a PENDING run and create its empty staging directory.
 
-    Without ``name`` the name is checked at commit (``finish_run`` may give it)."""
+    Without ``name`` the name is checked at commit (``commit_run`` may give it)."""
     out = check_output(cat, out, overwrite, name, plan, check_name_now=name is not None)
     made = out.parent
     while not made.parent.exists():

@@ -23,9 +23,9 @@ from tqdm import tqdm
 
 from mergepipe.catalog.store import Catalog, now
 from mergepipe.planner.resolve import resolve_model
-from mergepipe.runs.apply import build_and_store, finish_run
+from mergepipe.runs.apply import build_and_store
 from mergepipe.runs.recovery import recover
-from mergepipe.runs.transaction import abort_run, begin_run, committed_result
+from mergepipe.runs.transaction import abort_run, begin_run, commit_run, committed_result
 from mergepipe.search import trials
 from mergepipe.search.algorithms import Algorithm, make_algorithm
 from mergepipe.search.anchors import ensure_anchors, task_refs
@@ -267,7 +267,7 @@ class SearchRun:
         if r.ok:
             try:
                 if inf.ticket is not None:
-                    res = finish_run(self.cat, inf.plan, inf.ticket, r.value["report"],
+                    res = commit_run(self.cat, inf.plan, inf.ticket, r.value["report"],
                                          name=f"search-{self.sid[:8]}-t{r.trial:03d}")
                     inf.ticket, model_id = None, res.model_id  # committed: never undone
                 metrics = r.value["metrics"]
