@@ -22,6 +22,7 @@ from mergepipe.catalog.names import parse_tensor_name
 from mergepipe.catalog.store import Catalog, dumps, new_id, now
 from mergepipe.errors import BadCheckpointError, MergePipeError, StaleModelError
 from mergepipe.files import safe_relpath
+from mergepipe.hashing import BLAKE3, tensor_hasher
 from mergepipe.safetensors_format import Header, read_header
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -122,8 +123,9 @@ def fingerprint_files(path: Path, relpaths: list[str]) -> tuple[str, dict[str, t
     return digest, stats
 
 
-def hash_tensors(scanned: ScannedModel, progress: bool = False) -> dict[str, str]:
-    """blake2b-128 of each tensor's raw bytes, reading each shard sequentially once."""
+def hash_tensors(scanned: ScannedModel, progress: bool = False,
+                 kind: str = BLAKE3) -> dict[str, str]:
+    """Each tensor's content hash (:mod:`mergepipe.hashing`), reading each shard sequentially once."""
     out: dict[str, str] = {}
     total = sum(h.file_size for h in scanned.headers.values())
     bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"hash {scanned.path.name}",
@@ -131,7 +133,7 @@ def hash_tensors(scanned: ScannedModel, progress: bool = False) -> dict[str, str
     for rel, header in scanned.headers.items():
         with open(scanned.path / rel, "rb", buffering=0) as f:
             for entry in sorted(header.tensors.values(), key=lambda e: e.offset):
-                h = hashlib.blake2b(digest_size=16)
+                h = tensor_hasher(kind)
                 pos, end = entry.offset, entry.offset + entry.nbytes
                 while pos < end:
                     chunk = os.pread(f.fileno(), min(HASH_CHUNK, end - pos), pos)

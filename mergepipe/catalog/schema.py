@@ -56,7 +56,7 @@ tensors = Table(
     Column("byte_length", BigInteger, nullable=False),
     Column("dtype", String, nullable=False),            # safetensors dtype code: F32, BF16, ...
     Column("shape", String, nullable=False),            # JSON list
-    Column("content_hash", String),                     # blake2b-128 of the raw bytes
+    Column("content_hash", String),                     # of the raw bytes (mergepipe.hashing)
 )
 
 plans = Table(

@@ -13,12 +13,12 @@ size and mtime check made when the plan is built.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
 import torch
 
+from mergepipe.hashing import TensorHasher, hasher_like
 from mergepipe.errors import BadCheckpointError, MergePipeError, StaleModelError
 from mergepipe.planner.plan import Read, Source
 from mergepipe.files import safe_relpath
@@ -33,7 +33,7 @@ class BlockReader:
         self.allow_nonfinite = allow_nonfinite
         self.bytes_read = [0] * len(sources)
         self._fds: dict[tuple[int, str], int] = {}
-        self._hashing: dict[int, tuple[Read, "hashlib._Hash", int]] = {}  # id(read) -> state
+        self._hashing: dict[int, tuple[Read, TensorHasher, int]] = {}  # id(read) -> state
         self.checked_bytes = 0     # bytes whose tensor hash was compared with the catalog
 
     def _fd(self, src: int, rel: str) -> int:
@@ -72,7 +72,7 @@ class BlockReader:
             return
         key = id(read)
         if start == 0:
-            state = (read, hashlib.blake2b(digest_size=16), 0)
+            state = (read, hasher_like(read.content_hash), 0)
         else:
             state = self._hashing.pop(key, None)
             if state is None or state[2] != start:  # a partial read: cannot be checked

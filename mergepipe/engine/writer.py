@@ -9,7 +9,6 @@ the memory this costs.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import queue
 import threading
@@ -17,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from mergepipe.hashing import tensor_hasher
 from mergepipe.safetensors_format import layout
 
 _QUEUE_BLOCKS = 2
@@ -71,7 +71,7 @@ class ShardWriter:
         self._index = 0
         self._remaining = self._size(0)
         self.hashes: dict[str, str] = {}
-        self._hash = hashlib.blake2b(digest_size=16)
+        self._hash = tensor_hasher()
         # writing and hashing each get a thread: both release the GIL on big buffers
         self._flushed = 0
         self._stages = [_Stage(f"write-{path.name}", self._timed("write", self._write_block)),
@@ -127,7 +127,7 @@ class ShardWriter:
         self._hash.update(data)
         for name in done:
             self.hashes[name] = self._hash.hexdigest()
-            self._hash = hashlib.blake2b(digest_size=16)
+            self._hash = tensor_hasher()
 
     def _join(self) -> None:
         for stage in self._stages:

@@ -41,7 +41,7 @@ class Read:
     dtype: str
     rows: list[tuple[int, int]] | None = None   # None: all rows; else selected [a, b) ranges
     alias_base: bool = False              # byte-identical to the base: reuse, don't read
-    content_hash: str | None = None       # registered blake2b-128; the engine checks it
+    content_hash: str | None = None       # registered hash; the engine checks it
 
     def bytes_to_read(self, row_bytes: int) -> int:
         if self.alias_base:

@@ -1,7 +1,7 @@
 """The manifest: what a commit wrote, written before the output is renamed into place.
 
 It lists every file (weight shards by size and header hash, side files by
-sha256) and every tensor's blake2b hash, so `verify` can tell a complete,
+sha256) and every tensor's content hash, so `verify` can tell a complete,
 untouched output from a damaged one, and `recover` can finish recording a
 commit whose catalog transaction a crash cut off.
 """
@@ -19,6 +19,7 @@ from mergepipe.catalog.store import now
 from mergepipe.engine.execute import ExecReport
 from mergepipe.errors import MergePipeError
 from mergepipe.files import file_sha256, fsync_dir
+from mergepipe.hashing import BLAKE2B, BLAKE3
 from mergepipe.planner.plan import Plan
 from mergepipe.safetensors_format import read_header
 
@@ -69,7 +70,7 @@ def write_manifest(staging: Path, plan: Plan, run_id: str, name: str | None,
                     "fingerprint": s.fingerprint, "role": s.role} for s in plan.sources],
         "files": report.files,
         **describe_files(staging, report.files),
-        "tensor_hash": "blake2b-128",
+        "tensor_hash": BLAKE3,
         "tensors": report.tensor_hashes,
         "phases": report.phases,
         "versions": {"mergepipe": mergepipe.__version__, "torch": torch.__version__,
@@ -141,7 +142,7 @@ def verify_dir(path: str | Path) -> VerifyResult:
     hashes: dict[str, str] = {}
     if not problems:
         try:
-            hashes = hash_tensors(scan(path))
+            hashes = hash_tensors(scan(path), kind=manifest.get("tensor_hash", BLAKE2B))
         except MergePipeError as exc:
             problems.append(str(exc))
     if hashes:
