@@ -33,7 +33,8 @@ from harness import (MERGEKIT_ENV, THREAD_ENV, compare_models, dir_bytes, drop_c
                      run_measured)
 
 PARAMS = {"ties": {"weight": 1.0, "density": 0.5}, "task_arithmetic": None}
-PHASES = ("read", "decode", "stats", "math", "encode", "queue_wait", "write", "hash", "fsync")
+PHASES = ("read", "read_ahead", "verify", "decode", "stats", "math", "encode", "queue_wait", "write",
+          "hash", "fsync")
 
 
 def register_all(home: Path, models: list[Path]) -> dict[str, float]:

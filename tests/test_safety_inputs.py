@@ -173,11 +173,11 @@ def test_file_overwritten_while_the_merge_runs(cli, family, tmp_path, monkeypatc
         cli("register", family[n], "--name", n)
     spec = ta_spec(tmp_path / "s.yml", "base", ["e1", "e2"], "{weight: 0.5, density: 0.5}")
     spec.write_text(spec.read_text().replace("task_arithmetic", "ties"))
-    real_raw = BlockReader.raw
+    real_pread = BlockReader.pread
     calls = []
 
-    def raw(self, read, start, nbytes, tensor=None):
-        calls.append(tensor)
+    def pread(self, read, start, nbytes):   # every physical read, whichever thread makes it
+        calls.append(read)
         if len(calls) == 10:  # a while into the run, someone copies a new e1 over the old
             sd = load_file(family["e1"] / SHARD)
             save_file({k: v * 1.5 for k, v in sd.items()}, tmp_path / "new.safetensors",
@@ -185,9 +185,9 @@ def test_file_overwritten_while_the_merge_runs(cli, family, tmp_path, monkeypatc
             with open(family["e1"] / SHARD, "r+b") as f:  # same inode, as `cp` does
                 f.write((tmp_path / "new.safetensors").read_bytes())
             (tmp_path / "new.safetensors").unlink()
-        return real_raw(self, read, start, nbytes, tensor)
+        return real_pread(self, read, start, nbytes)
 
-    monkeypatch.setattr(BlockReader, "raw", raw)
+    monkeypatch.setattr(BlockReader, "pread", pread)
     cli("init")
     before = cli.snapshot()
     res = cli("apply", spec, "--out", tmp_path / "out", ok=False)

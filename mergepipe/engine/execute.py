@@ -29,9 +29,9 @@ from mergepipe.engine.writer import ShardWriter
 from mergepipe.engine.faults import crash_point
 from mergepipe.methods.base import TensorContext, drops_base_equal_inputs, get_method
 from mergepipe.planner.plan import Plan, Read, TensorTask
-from mergepipe.safetensors_format import FLOAT_CODES, dtype_name, itemsize, torch_dtype
+from mergepipe.safetensors_format import FLOAT_CODES, dtype_name, itemsize, row_split, torch_dtype
 
-DEFAULT_BLOCK_BYTES = 4 << 20
+DEFAULT_BLOCK_BYTES = 1 << 20   # float32 bytes per block: the deltas of a K-way block stay in cache
 
 
 @dataclass
@@ -53,18 +53,21 @@ class ExecReport:
     phases: dict[str, float] = field(default_factory=dict)
 
 
-PHASES = ("read", "decode", "stats", "math", "encode", "queue_wait", "write", "hash", "fsync")
+PHASES = ("read", "read_ahead", "verify", "decode", "stats", "math", "encode", "queue_wait",
+          "write", "hash", "fsync")
 
 
 class Phases:
     """Seconds spent in each phase of a merge.
 
-    read: ``pread`` of source bytes; decode: to float32 (with the finiteness
-    check); stats: statistics passes of streamed tensor-scope methods (their
-    own reads and decodes are counted there too); math: the merge; encode: to
-    the output dtype; queue_wait: the merge thread blocked on the writer's full
-    queues; write, hash: the writer's background threads (they overlap the
-    rest, so phases add up to more than the wall time); fsync: at shard close.
+    read: the merge thread waiting for source bytes (its own ``pread``s, or
+    the read-ahead thread's results); read_ahead: the read-ahead thread's
+    ``pread``s; verify: hashing inputs against the catalog; decode: to float32
+    (with the finiteness check); stats: statistics passes of streamed
+    tensor-scope methods; math: the merge; encode: to the output dtype;
+    queue_wait: the merge thread blocked on the writer's full queues; write,
+    hash: the writer's threads; fsync: at shard close. The read-ahead and writer
+    threads overlap the merge thread, so phases add up to more than the wall time.
     """
 
     def __init__(self) -> None:
@@ -142,31 +145,83 @@ def _to_bytes(t: torch.Tensor, code: str) -> memoryview:
     return memoryview(out.view(torch.uint8).numpy()).cast("B")
 
 
-PREFETCH_BYTES = 128 << 20
+READ_AHEAD_BLOCKS = 8           # bytes read and waiting for the merge thread, in blocks
+SCHEDULE_BYTES = 256 << 20      # announced to the kernel (fadvise) and the read-ahead thread
 
 
-class _Prefetcher:
-    """Keeps about PREFETCH_BYTES of upcoming reads requested from the kernel,
-    so the disk works while the current tensor is merged and written."""
+Range = tuple[Read, int, int, str, "tuple[int, ...] | None"]   # as ReadAhead.schedule takes
 
-    def __init__(self, tasks: list[TensorTask], reader: BlockReader):
-        self.tasks, self.reader = tasks, reader
+
+def _rows_range(read: Read, task: TensorTask, a: int, b: int) -> Range:
+    """What ``reader.rows(read, task.shape, a, b, ...)`` reads and returns."""
+    shape = task.shape
+    row_bytes = row_split(shape, read.nbytes)[1]
+    return read, a * row_bytes, (b - a) * row_bytes, task.name, \
+        (b - a, *shape[1:]) if shape else ()
+
+
+def _block_inputs(task: TensorTask, drop: bool, a: int, b: int) -> list[int]:
+    """The inputs that take part in rows [a, b): all, or (when inputs equal to the base
+    add nothing) only those whose rows there differ from the base as far as the plan knows."""
+    return [i for i, r in enumerate(task.inputs) if not drop or _selected(r, a, b)]
+
+
+def _input_ranges(task: TensorTask, i: int, a: int, b: int) -> list[Range]:
+    """What :func:`_read_inputs` reads of input ``i`` for rows [a, b)."""
+    r = task.inputs[i]
+    if r.alias_base and task.base is not None:
+        return []
+    if r.rows is not None and task.base is not None \
+            and not any(lo <= a and b <= hi for lo, hi in r.rows):
+        return [_rows_range(r, task, max(a, lo), min(b, hi))
+                for lo, hi in r.rows if max(a, lo) < min(b, hi)]
+    return [_rows_range(r, task, a, b)]
+
+
+def task_ranges(task: TensorTask, method_name: str, block_bytes: int) -> list[Range]:
+    """The byte ranges :func:`merge_task` reads for ``task``, in its order.
+
+    Streamed tensor-scope tasks re-read their inputs once per statistics pass;
+    they are left out (read directly, with the kernel's read-ahead only).
+    """
+    if task.scope == "copy":
+        src = task.base or task.inputs[0]
+        return [(src, 0, src.nbytes, task.name, None)]
+    method = get_method(method_name)
+    if _streams(method, task):
+        return []
+    drop = _drops(method, task)
+    out: list[Range] = []
+    for a, b in _chunks(task, block_bytes):
+        if task.base is not None:
+            out.append(_rows_range(task.base, task, a, b))
+        idx = _block_inputs(task, drop, a, b)
+        for i in idx:
+            out += _input_ranges(task, i, a, b)
+    return out
+
+
+class _ReadScheduler:
+    """Announces upcoming tasks' byte ranges, about SCHEDULE_BYTES ahead of the task
+    being merged: to the kernel (``fadvise``) and to the reader's read-ahead thread."""
+
+    def __init__(self, tasks: list[TensorTask], plan: Plan, reader: BlockReader,
+                 block_bytes: int):
+        self.tasks, self.plan, self.reader, self.block_bytes = tasks, plan, reader, block_bytes
         self.next = 0
-        self.cost = [sum(r.bytes_to_read(t.row_bytes(r))
-                         for r in self._reads(t)) for t in tasks]
-
-    @staticmethod
-    def _reads(task: TensorTask) -> list[Read]:
-        if task.scope == "copy":
-            return [task.base or task.inputs[0]]
-        return ([task.base] if task.base else []) + task.inputs
 
     def advance(self, current: int) -> None:
-        self.next = max(self.next, current)
+        ahead = self.reader.ahead
         while self.next < len(self.tasks) and \
-                (self.next == current or sum(self.cost[current:self.next]) < PREFETCH_BYTES):
-            for r in self._reads(self.tasks[self.next]):
-                self.reader.prefetch(r, self.tasks[self.next].shape)
+                (self.next <= current or ahead is not None
+                 and ahead.pending_bytes() < SCHEDULE_BYTES):
+            task = self.tasks[self.next]
+            reads = [task.base or task.inputs[0]] if task.scope == "copy" else \
+                ([task.base] if task.base else []) + task.inputs
+            for r in reads:
+                self.reader.prefetch(r, task.shape)
+            if ahead is not None:
+                ahead.schedule(task_ranges(task, self.plan.method, self.block_bytes))
             self.next += 1
 
 
@@ -174,6 +229,12 @@ def _streams(method: Any, task: TensorTask) -> bool:
     """Tensor-scope methods with a streamer run in row blocks; row-local statistics
     (DELLA's ranks) need whole rows, which a 1-D tensor does not have."""
     return task.scope == "tensor" and method.stream is not None and len(task.shape) >= 2
+
+
+def _drops(method: Any, task: TensorTask) -> bool:
+    """Whether inputs equal to the base in a block may be left out of it (they add nothing)."""
+    return task.scope == "block" and task.base is not None \
+        and drops_base_equal_inputs(method, task.params)
 
 
 def _read_inputs(task: TensorTask, idx: list[int], reader: BlockReader, base: torch.Tensor | None,
@@ -205,12 +266,11 @@ def merge_task(task: TensorTask, plan: Plan, reader: BlockReader, writer: ShardW
         return
     # inputs equal to the base in a block (unselected in budget mode, or aliases)
     # may be left out of that block when the method adds deltas to the base
-    drop = task.scope == "block" and task.base is not None \
-        and drops_base_equal_inputs(method, task.params)
+    drop = _drops(method, task)
     shape = task.shape
     for a, b in _chunks(task, block_bytes):
         base = reader.rows(task.base, shape, a, b, task.name, device) if task.base else None
-        idx = [i for i, r in enumerate(task.inputs) if not drop or _selected(r, a, b)]
+        idx = _block_inputs(task, drop, a, b)
         if drop and not idx:  # every delta is zero here: the output is the base
             with phases.time("encode"):
                 data = _to_bytes(base, task.out_dtype)
@@ -292,16 +352,14 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def idle_threads() -> int:
-    """The usable cores that other runnable work (the 1-minute load) leaves free, at least 1.
+def default_threads() -> int:
+    """torch threads for the merge math: the usable cores but one (the read-ahead's).
 
-    The engine runs many short parallel sections (one per op and row block);
-    when another job holds a core, every section waits for a time slice. On
-    the shared 2-core machine at load ~27 a small TIES merge took 3.7 s on one
-    thread and 53 s on two, so threads beyond the idle cores only cost time.
+    On a 2-core machine that is one thread for the math beside the read-ahead
+    thread, which keeps both cores busy without OpenMP teams: many short
+    parallel sections per block stall whenever another job holds a core.
     """
-    cores = usable_cores()
-    return max(1, min(cores, int(cores + 0.5 - os.getloadavg()[0])))
+    return max(1, usable_cores() - 1)
 
 
 def execute_plan(plan: Plan, out_dir: str | Path, device: str = "cpu",
@@ -310,10 +368,11 @@ def execute_plan(plan: Plan, out_dir: str | Path, device: str = "cpu",
     """Write the merged checkpoint into ``out_dir`` (an empty staging directory).
 
     ``threads`` sets torch's thread count for this call only (restored after);
-    None picks :func:`idle_threads`. Outputs do not depend on it.
+    None takes one per core this process may use, less the one the read-ahead
+    thread keeps busy reading, hashing and decoding. Outputs do not depend on it.
     """
     previous = torch.get_num_threads()
-    torch.set_num_threads(threads if threads is not None else idle_threads())
+    torch.set_num_threads(threads if threads is not None else default_threads())
     try:
         return _execute(plan, Path(out_dir), device, block_bytes, allow_nonfinite, progress)
     finally:
@@ -327,10 +386,8 @@ def _execute(plan: Plan, out_dir: Path, device: str, block_bytes: int, allow_non
     phases = Phases()
     phases.counts["threads"] = torch.get_num_threads()
     phases.counts["cores"] = usable_cores()
-    reader = BlockReader(plan.sources, allow_nonfinite=allow_nonfinite)
-    # time the reader's two steps without changing it: instance attributes win
-    reader.raw = phases.timed("read", reader.raw)                # type: ignore[method-assign]
-    reader._to_float = phases.timed("decode", reader._to_float)  # type: ignore[method-assign]
+    reader = BlockReader(plan.sources, allow_nonfinite=allow_nonfinite, phases=phases)
+    reader.start_read_ahead(READ_AHEAD_BLOCKS * block_bytes)
     hashes: dict[str, str] = {}
     files: dict[str, int] = {}
     written = 0
@@ -341,9 +398,9 @@ def _execute(plan: Plan, out_dir: Path, device: str, block_bytes: int, allow_non
             writer = ShardWriter(out_dir / fname, [(t.name, t.out_dtype, t.shape) for t in tasks],
                                  phases=phases)
             try:
-                prefetch = _Prefetcher(tasks, reader)
+                schedule = _ReadScheduler(tasks, plan, reader, block_bytes)
                 for i, task in enumerate(tasks):
-                    prefetch.advance(i)
+                    schedule.advance(i)
                     merge_task(task, plan, reader, writer, device, block_bytes, phases)
                     bar.update(1)
                     if i == len(tasks) // 2:
@@ -355,6 +412,7 @@ def _execute(plan: Plan, out_dir: Path, device: str, block_bytes: int, allow_non
             files[fname] = writer.bytes_written
             written += writer.bytes_written
     finally:
+        phases.counts["readahead_unused_bytes"] = reader.ahead.unused_bytes if reader.ahead else 0
         reader.close()
         bar.close()
     if len(plan.shards) > 1:

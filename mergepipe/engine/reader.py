@@ -10,11 +10,18 @@ The engine reads a tensor's row blocks in order, so one incremental hash per
 tensor suffices. A tensor read only in part (unselected blocks under an I/O
 budget) cannot be checked against a whole-tensor hash; its use rests on the
 size and mtime check made when the plan is built.
+
+When the engine schedules its reads (:class:`ReadAhead`), a background thread
+reads, hashes and decodes them in order while the merge thread does the math.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
+from collections import deque
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -28,15 +35,25 @@ from mergepipe.safetensors_format import row_split, torch_dtype
 class BlockReader:
     """Reads row ranges of tensors from the plan's sources; one fd per file."""
 
-    def __init__(self, sources: list[Source], allow_nonfinite: bool = False):
+    def __init__(self, sources: list[Source], allow_nonfinite: bool = False,
+                 phases: Any = None):
         self.sources = sources
+        self.phases = phases       # an engine Phases (seconds per phase), or None
+        self._hash_lock = threading.Lock()
         self.allow_nonfinite = allow_nonfinite
         self.bytes_read = [0] * len(sources)
         self._fds: dict[tuple[int, str], int] = {}
         self._hashing: dict[int, tuple[Read, TensorHasher, int]] = {}  # id(read) -> state
         self.checked_bytes = 0     # bytes whose tensor hash was compared with the catalog
+        self.ahead: ReadAhead | None = None
+        self._fd_lock = threading.Lock()
 
     def _fd(self, src: int, rel: str) -> int:
+        key = (src, rel)
+        with self._fd_lock:
+            return self._fds[key] if key in self._fds else self._open(src, rel)
+
+    def _open(self, src: int, rel: str) -> int:
         key = (src, rel)
         if key not in self._fds:
             if not safe_relpath(rel):
@@ -51,6 +68,47 @@ class BlockReader:
 
     def raw(self, read: Read, start: int, nbytes: int, tensor: str | None = None) -> bytearray:
         """Exactly nbytes from the tensor's byte offset ``start``."""
+        return self._get(read, start, nbytes, tensor, None)
+
+    def rows(self, read: Read, shape: tuple[int, ...], a: int, b: int, tensor: str,
+             device: torch.device | str = "cpu") -> torch.Tensor:
+        """Rows [a, b) of a tensor as float32 on ``device``."""
+        row_bytes = row_split(shape, read.nbytes)[1]
+        t = self._get(read, a * row_bytes, (b - a) * row_bytes, tensor,
+                      (b - a, *shape[1:]) if shape else ())
+        return t.to(device)
+
+    def _get(self, read: Read, start: int, nbytes: int, tensor: str | None,
+             shape: tuple[int, ...] | None) -> Any:
+        """Bytes (``shape`` None) or float32 rows: from the read-ahead thread when it was
+        scheduled there, else read here; counted as read either way."""
+        got = None
+        if self.ahead is not None:
+            with self._time("read"):   # the merge waits for its input
+                got = self.ahead.take(read, start, nbytes, shape is not None)
+        if got is None:
+            got = self.fetch(read, start, nbytes, tensor, shape)
+        self.bytes_read[read.src] += nbytes
+        return got
+
+    def fetch(self, read: Read, start: int, nbytes: int, tensor: str | None,
+              shape: tuple[int, ...] | None, read_phase: str = "read") -> Any:
+        """Read, check against the registered hash, and decode when ``shape`` is given.
+
+        Thread-safe: the read-ahead thread runs it for scheduled ranges, in order
+        (its reads are timed as ``read_ahead``: they overlap the merge).
+        """
+        with self._time(read_phase):
+            buf = self.pread(read, start, nbytes)
+        with self._time("verify"):
+            self._check_hash(read, start, buf, tensor)
+        if shape is None:
+            return buf
+        with self._time("decode"):
+            return self._to_float(buf, read, shape, tensor or "")
+
+    def pread(self, read: Read, start: int, nbytes: int) -> bytearray:
+        """The physical read."""
         buf = bytearray(nbytes)
         view = memoryview(buf)
         fd = self._fd(read.src, read.file)
@@ -62,14 +120,24 @@ class BlockReader:
                 raise BadCheckpointError(f"{path}: file is truncated (wanted bytes up to "
                                          f"{pos + nbytes})")
             got += n
-        self.bytes_read[read.src] += nbytes
-        self._check_hash(read, start, buf, tensor)
         return buf
+
+    def start_read_ahead(self, max_bytes: int) -> "ReadAhead":
+        """Run scheduled reads on a background thread from now on (see :class:`ReadAhead`)."""
+        self.ahead = ReadAhead(self, max_bytes)
+        return self.ahead
+
+    def _time(self, name: str) -> Any:
+        return self.phases.time(name) if self.phases is not None else contextlib.nullcontext()
 
     def _check_hash(self, read: Read, start: int, buf: bytearray, tensor: str | None) -> None:
         """Feed the tensor's running hash; compare it once the last byte is in."""
         if read.content_hash is None:
             return
+        with self._hash_lock:
+            self._feed_hash(read, start, buf, tensor)
+
+    def _feed_hash(self, read: Read, start: int, buf: bytearray, tensor: str | None) -> None:
         key = id(read)
         if start == 0:
             state = (read, hasher_like(read.content_hash), 0)
@@ -91,13 +159,6 @@ class BlockReader:
                 f"model {src.key!r}: {what} in {Path(src.path) / read.file} is not what was "
                 f"registered (the file changed); run `mergepipe register {src.path}` again")
         self.checked_bytes += read.nbytes
-
-    def rows(self, read: Read, shape: tuple[int, ...], a: int, b: int, tensor: str,
-             device: torch.device | str = "cpu") -> torch.Tensor:
-        """Rows [a, b) of a tensor as float32 on ``device``."""
-        row_bytes = row_split(shape, read.nbytes)[1]
-        buf = self.raw(read, a * row_bytes, (b - a) * row_bytes, tensor)
-        return self._to_float(buf, read, (b - a, *shape[1:]) if shape else (), tensor, device)
 
     def rows_over(self, read: Read, shape: tuple[int, ...], a: int, b: int,
                   fill: torch.Tensor, tensor: str) -> torch.Tensor:
@@ -128,12 +189,12 @@ class BlockReader:
             if length:
                 os.posix_fadvise(fd, read.offset + start, length, os.POSIX_FADV_WILLNEED)
 
-    def _to_float(self, buf: bytearray, read: Read, shape: tuple[int, ...], tensor: str,
-                  device: torch.device | str) -> torch.Tensor:
+    def _to_float(self, buf: bytearray, read: Read, shape: tuple[int, ...],
+                  tensor: str) -> torch.Tensor:
         if not buf:
-            return torch.zeros(shape, dtype=torch.float32, device=device)
+            return torch.zeros(shape, dtype=torch.float32)
         t = torch.frombuffer(buf, dtype=torch_dtype(read.dtype)).reshape(shape)
-        t = t.to(device=device, dtype=torch.float32)
+        t = t.to(dtype=torch.float32)
         # any NaN/Inf makes the sum non-finite; only then pay for the elementwise check
         # (which also tells a true NaN/Inf from a sum that merely overflowed)
         if not self.allow_nonfinite and not bool(torch.isfinite(t.sum())) \
@@ -144,6 +205,120 @@ class BlockReader:
         return t
 
     def close(self) -> None:
+        if self.ahead is not None:
+            self.ahead.close()
+            self.ahead = None
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
+
+
+class _Slot:
+    __slots__ = ("key", "read", "start", "nbytes", "tensor", "shape", "state", "result")
+    QUEUED, READING, DONE = 0, 1, 2
+
+    def __init__(self, key: tuple, read: Read, start: int, nbytes: int, tensor: str | None,
+                 shape: tuple[int, ...] | None):
+        self.key, self.read, self.start, self.nbytes = key, read, start, nbytes
+        self.tensor, self.shape = tensor, shape
+        self.state = _Slot.QUEUED
+        self.result: Any = None
+
+
+class ReadAhead:
+    """Reads, checks and decodes the ranges the merge will ask for next, on a background thread.
+
+    ``os.preadv``, blake3 and torch's conversions all release the GIL, so the
+    disk and this thread work while the merge thread does the math on what
+    came before: a cold merge then costs about the largest of its disk time,
+    this thread's time and the math, not their sum. The engine
+    :meth:`schedule`s the exact ranges it will read, in its order; ``take``
+    hands each over (a range never scheduled is read by the caller). At most
+    ``max_bytes`` of read ranges wait to be taken. Bytes count as read when
+    taken, so the budget's counts do not change; ranges read and then skipped
+    over (never taken) are counted as ``unused_bytes``.
+    """
+
+    def __init__(self, reader: BlockReader, max_bytes: int):
+        self._reader = reader
+        self.max_bytes = max_bytes
+        self._cv = threading.Condition()
+        self._slots: deque[_Slot] = deque()
+        self._held = 0                          # bytes read (or being read) and not yet taken
+        self._closed = False
+        self.unused_bytes = 0
+        self._thread = threading.Thread(target=self._run, name="mergepipe-read-ahead",
+                                        daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def _key(read: Read, start: int, nbytes: int, decoded: bool) -> tuple:
+        return (read.src, read.file, read.offset + start, nbytes, decoded)
+
+    def schedule(self, ranges: list[tuple[Read, int, int, str, tuple[int, ...] | None]]) -> None:
+        """Append (read, start, nbytes, tensor, shape) ranges in the order they will be
+        taken; ``shape`` None hands over the raw bytes, else float32 rows of that shape."""
+        with self._cv:
+            for read, start, nbytes, tensor, shape in ranges:
+                key = self._key(read, start, nbytes, shape is not None)
+                self._slots.append(_Slot(key, read, start, nbytes, tensor, shape))
+            self._cv.notify_all()
+
+    def pending_bytes(self) -> int:
+        """Bytes scheduled and not yet taken (read or not)."""
+        with self._cv:
+            return sum(slot.nbytes for slot in self._slots)
+
+    def take(self, read: Read, start: int, nbytes: int, decoded: bool) -> Any:
+        """The scheduled range's result (waiting for it if needed), or None."""
+        key = self._key(read, start, nbytes, decoded)
+        with self._cv:
+            pos = next((i for i, slot in enumerate(self._slots) if slot.key == key), None)
+            if pos is None:
+                return None
+            for _ in range(pos + 1):
+                slot = self._slots[0]
+                while slot.state == _Slot.READING:
+                    self._cv.wait()
+                self._slots.popleft()
+                if slot.state == _Slot.DONE and not isinstance(slot.result, BaseException):
+                    self._held -= slot.nbytes
+                    if slot.key != key:         # scheduled, read, then skipped over
+                        self.unused_bytes += slot.nbytes
+            self._cv.notify_all()
+            if slot.state == _Slot.QUEUED:      # not read yet: the caller reads it
+                return None
+            if isinstance(slot.result, BaseException):
+                raise slot.result
+            return slot.result
+
+    def _next_slot(self) -> _Slot | None:
+        if self._held >= self.max_bytes:
+            return None
+        return next((slot for slot in self._slots if slot.state == _Slot.QUEUED), None)
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._closed and (slot := self._next_slot()) is None:
+                    self._cv.wait()
+                if self._closed:
+                    return
+                slot.state = _Slot.READING
+                self._held += slot.nbytes
+            try:
+                result = self._reader.fetch(slot.read, slot.start, slot.nbytes, slot.tensor,
+                                            slot.shape, read_phase="read_ahead")
+            except BaseException as exc:   # raised to whoever takes this range
+                result = exc
+            with self._cv:
+                slot.result, slot.state = result, _Slot.DONE
+                if isinstance(result, BaseException):
+                    self._held -= slot.nbytes
+                self._cv.notify_all()
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+        self._thread.join()
