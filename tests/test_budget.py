@@ -59,6 +59,9 @@ def test_expert_bytes_read_never_exceed_random_budgets(ws, tiny_family, tmp_path
         assert res.bytes_read["experts"] <= plan.io_budget, (method, budget)
         assert res.bytes_read["experts"] == plan.est_bytes()["experts"]
         assert plan.io_budget <= full
+        # the read-ahead thread read exactly what the merge took: no physical byte beyond it
+        assert res.phases["readahead_unused_bytes"] == 0
+        assert res.phases["read_ahead"] > 0
 
 
 def test_full_budget_reads_every_expert_byte_and_writes_the_exact_bytes(ws, tiny_family, tmp_path):

@@ -140,16 +140,19 @@ def test_apply_records_the_phases_with_the_run(bf16_family, tmp_path):
         shown = api.explain(cat, res.run_id[:10])["extra_lines"]
     manifest = json.loads((tmp_path / "out" / MANIFEST).read_text())
     phase_line = next(line for line in shown if line.startswith("engine phases: "))
-    for name in ("read", "decode", "math", "encode", "write", "hash", "fsync"):
+    for name in ("read", "read_ahead", "verify", "decode", "math", "encode", "write", "hash",
+                 "fsync"):
         assert f"{name} {res.phases[name]:.2f} s" in phase_line
     assert manifest["phases"] == res.phases
     assert res.phases["reread_bytes"] > 0 and res.phases["threads"] >= 1
-    assert res.phases["math"] > 0 and res.phases["read"] > 0
+    assert res.phases["math"] > 0 and res.phases["read_ahead"] > 0
+    # the statistics passes were scheduled too: the read-ahead read nothing the merge skipped
+    assert res.phases["readahead_unused_bytes"] == 0
 
 
-def test_threads_follow_the_idle_cores_and_are_put_back(bf16_family, tmp_path):
+def test_threads_follow_the_usable_cores_and_are_put_back(bf16_family, tmp_path):
     from mergepipe import api
-    from mergepipe.engine.execute import usable_cores
+    from mergepipe.engine.execute import default_threads, usable_cores
 
     before = torch.get_num_threads()
     with api.open_catalog(tmp_path / "ws") as cat:
@@ -157,6 +160,7 @@ def test_threads_follow_the_idle_cores_and_are_put_back(bf16_family, tmp_path):
     auto = api.execute_plan(plan, tmp_path / "auto")
     one = api.execute_plan(plan, tmp_path / "one", threads=1)
     assert torch.get_num_threads() == before
-    assert 1 <= auto.phases["threads"] <= usable_cores() == auto.phases["cores"]
+    assert auto.phases["threads"] == default_threads() == max(1, usable_cores() - 1)
+    assert auto.phases["cores"] == usable_cores()
     assert one.phases["threads"] == 1
     assert _sha(tmp_path / "auto") == _sha(tmp_path / "one")

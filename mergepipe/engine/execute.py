@@ -178,26 +178,33 @@ def _input_ranges(task: TensorTask, i: int, a: int, b: int) -> list[Range]:
     return [_rows_range(r, task, a, b)]
 
 
-def task_ranges(task: TensorTask, method_name: str, block_bytes: int) -> list[Range]:
-    """The byte ranges :func:`merge_task` reads for ``task``, in its order.
-
-    Streamed tensor-scope tasks re-read their inputs once per statistics pass;
-    they are left out (read directly, with the kernel's read-ahead only).
-    """
+def task_ranges(task: TensorTask, plan: Plan, block_bytes: int) -> list[Range]:
+    """The byte ranges :func:`merge_task` reads for ``task``, in its order."""
     if task.scope == "copy":
         src = task.base or task.inputs[0]
         return [(src, 0, src.nbytes, task.name, None)]
-    method = get_method(method_name)
-    if _streams(method, task):
-        return []
-    drop = _drops(method, task)
+    method = get_method(plan.method)
     out: list[Range] = []
-    for a, b in _chunks(task, block_bytes):
+
+    def block(a: int, b: int, idx: list[int]) -> None:
         if task.base is not None:
             out.append(_rows_range(task.base, task, a, b))
-        idx = _block_inputs(task, drop, a, b)
         for i in idx:
-            out += _input_ranges(task, i, a, b)
+            out.extend(_input_ranges(task, i, a, b))
+
+    if _streams(method, task):   # statistics passes over the wanted inputs, then the merge
+        chunks = list(_chunks(task, block_bytes, streamed=True))
+        stream = method.stream(_context(task, plan), task.params, len(task.inputs))
+        for p in range(stream.passes):
+            idx = [i for i, w in enumerate(stream.wanted(p)) if w]
+            for a, b in chunks:
+                block(a, b, idx)
+        for a, b in chunks:
+            block(a, b, list(range(len(task.inputs))))
+        return out
+    drop = _drops(method, task)
+    for a, b in _chunks(task, block_bytes):
+        block(a, b, _block_inputs(task, drop, a, b))
     return out
 
 
@@ -221,7 +228,7 @@ class _ReadScheduler:
             for r in reads:
                 self.reader.prefetch(r, task.shape)
             if ahead is not None:
-                ahead.schedule(task_ranges(task, self.plan.method, self.block_bytes))
+                ahead.schedule(task_ranges(task, self.plan, self.block_bytes))
             self.next += 1
 
 
@@ -229,6 +236,11 @@ def _streams(method: Any, task: TensorTask) -> bool:
     """Tensor-scope methods with a streamer run in row blocks; row-local statistics
     (DELLA's ranks) need whole rows, which a 1-D tensor does not have."""
     return task.scope == "tensor" and method.stream is not None and len(task.shape) >= 2
+
+
+def _context(task: TensorTask, plan: Plan) -> TensorContext:
+    return TensorContext(name=task.name, shape=task.shape, input_keys=tuple(task.input_keys),
+                         seed=plan.seed)
 
 
 def _drops(method: Any, task: TensorTask) -> bool:
@@ -299,9 +311,7 @@ def _stream_task(task: TensorTask, plan: Plan, method: Any, reader: BlockReader,
     them); those bytes are counted apart, so ``bytes_read`` still counts each
     planned byte once.
     """
-    ctx = TensorContext(name=task.name, shape=task.shape, input_keys=tuple(task.input_keys),
-                        seed=plan.seed)
-    stream = method.stream(ctx, task.params, len(task.inputs))
+    stream = method.stream(_context(task, plan), task.params, len(task.inputs))
     chunks = list(_chunks(task, block_bytes, streamed=True))
     counted = list(reader.bytes_read)
     for p in range(stream.passes):

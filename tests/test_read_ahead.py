@@ -1,0 +1,64 @@
+"""The engine's read-ahead thread: it reads exactly the ranges the merge takes, in order,
+and hands over errors and stale files as the merge thread's own reads would."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from mergepipe.engine.reader import BlockReader
+from mergepipe.errors import BadCheckpointError
+from mergepipe.planner.plan import Read, Source
+
+
+def _file(tmp_path: Path, n: int = 4096) -> tuple[list[Source], bytes]:
+    data = bytes(range(256)) * (n // 256)
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "x.bin").write_bytes(data)
+    src = Source(key="m", model_id="m", path=str(tmp_path / "m"), fingerprint="", role="expert")
+    return [src], data
+
+
+def _read(nbytes: int) -> Read:
+    return Read(src=0, file="x.bin", offset=0, nbytes=nbytes, dtype="U8")
+
+
+def test_scheduled_ranges_come_back_in_order_and_skipped_ones_are_counted(tmp_path):
+    sources, data = _file(tmp_path)
+    reader = BlockReader(sources)
+    ahead = reader.start_read_ahead(1 << 20)
+    r = _read(len(data))
+    ahead.schedule([(r, 0, 100, "x", None), (r, 100, 100, "x", None), (r, 200, 100, "x", None)])
+    assert bytes(reader.raw(r, 0, 100)) == data[:100]
+    # the merge skips the second range: it is dropped, and its bytes count as unused
+    assert bytes(reader.raw(r, 200, 100)) == data[200:300]
+    # a range never scheduled is read directly
+    assert bytes(reader.raw(r, 300, 50)) == data[300:350]
+    reader.close()
+    assert ahead.unused_bytes in (0, 100)   # 0 if the thread had not reached it yet
+    assert reader.bytes_read == [250]       # counted when taken, never for skipped ranges
+
+
+def test_decoded_rows_equal_the_direct_read(tmp_path):
+    x = torch.randn(64, 32).to(torch.bfloat16)
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "x.bin").write_bytes(x.view(torch.uint8).numpy().tobytes())
+    src = Source(key="m", model_id="m", path=str(tmp_path / "m"), fingerprint="", role="expert")
+    r = Read(src=0, file="x.bin", offset=0, nbytes=x.numel() * 2, dtype="BF16")
+    direct = BlockReader([src]).rows(r, (64, 32), 8, 24, "x")
+    reader = BlockReader([src])
+    reader.start_read_ahead(1 << 20).schedule([(r, 8 * 64, 16 * 64, "x", (16, 32))])
+    got = reader.rows(r, (64, 32), 8, 24, "x")
+    reader.close()
+    assert torch.equal(got, direct) and torch.equal(got, x[8:24].float())
+
+
+def test_an_error_on_the_read_ahead_thread_reaches_the_merge(tmp_path):
+    sources, data = _file(tmp_path)
+    reader = BlockReader(sources)
+    r = _read(len(data) + 100)   # the file is shorter than the tensor claims
+    reader.start_read_ahead(1 << 20).schedule([(r, 0, len(data) + 100, "x", None)])
+    with pytest.raises(BadCheckpointError, match="file is truncated"):
+        reader.raw(r, 0, len(data) + 100)
+    reader.close()
