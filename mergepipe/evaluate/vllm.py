@@ -3,7 +3,9 @@
 Importing this module never imports vLLM; constructing the backend does, and
 says how to install it when it is missing. On a CPU machine the engine runs in
 float32 (as the transformers backend does there) with a 1 GiB KV cache, so the
-two backends score the same greedy completions.
+two backends score the same greedy completions, and eagerly: on the tiny world's
+reasoning model an eager engine starts in 19 s and scores the test split in
+0.3 s, a compiled one takes 61 s and 5.7 s, with the same tokens.
 
 The engine core runs inside the calling process, not in a child: a search
 worker (a daemon process) may not start children, and a resident worker swaps
@@ -89,7 +91,7 @@ class VLLMBackend:
     name = "vllm"
 
     def __init__(self, model_path: str | Path, gpu_memory_utilization: float | None = None,
-                 max_model_len: int | None = None):
+                 max_model_len: int | None = None, eager: bool | None = None):
         if not (Path(model_path) / "config.json").is_file():
             raise MergePipeError(f"{model_path} is not a model directory (no config.json)")
         if not vllm_available():
@@ -102,6 +104,7 @@ class VLLMBackend:
             kwargs["max_model_len"] = max_model_len
         if cpu:
             kwargs["kv_cache_memory_bytes"] = CPU_KV_CACHE_BYTES
+        kwargs["enforce_eager"] = cpu if eager is None else eager
         with _engine_start():
             from vllm import LLM
             try:
