@@ -4,15 +4,17 @@ vLLM's attention needs a head size of 32, 64, 80, …, so the checkpoints here a
 made with head size 32 and the tiny world's tokenizer (random weights, large enough
 that greedy choices are not near ties); the command-line test scores the tiny
 world's own models, whose heads are 32 wide too. Starting a vLLM engine takes
-10–70 s on two cores, so the module starts two: one shared, one by the command.
+20–40 s on two cores, so the module starts two: one shared, one by the command.
 """
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from mergepipe import api
 from mergepipe.catalog.store import open_catalog
@@ -37,12 +39,27 @@ def pair(tmp_path_factory) -> dict[str, Path]:
             "task": write_task(root / "task.jsonl")}
 
 
+BEFORE_START: dict = {}
+
+
 @pytest.fixture(scope="module")
 def vllm_engine(pair):
     from mergepipe.evaluate.vllm import VLLMBackend
+    BEFORE_START.update(threads=torch.get_num_threads(), set_num_threads=torch.set_num_threads,
+                        rng=torch.get_rng_state(), env=dict(os.environ))
     engine = VLLMBackend(pair["a"])
     yield engine
     engine.close()
+
+
+def test_starting_the_engine_leaves_this_process_as_it_was(vllm_engine):
+    """vLLM's in-process engine sets torch to one thread, disables
+    torch.set_num_threads and seeds the global generators; the backend undoes it."""
+    assert torch.get_num_threads() == BEFORE_START["threads"]
+    assert torch.set_num_threads is BEFORE_START["set_num_threads"]
+    assert torch.equal(torch.get_rng_state(), BEFORE_START["rng"])
+    assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in os.environ or \
+        "VLLM_ENABLE_V1_MULTIPROCESSING" in BEFORE_START["env"]
 
 
 def _completions(backend, task: Path, limit: int) -> list[tuple[str, int]]:
@@ -84,7 +101,10 @@ def test_eval_command_scores_the_world_test_split_the_same_with_both_backends(cl
     """`mergepipe eval --backend vllm` (its own engine, started by the command) on the
     tiny world's reasoning model and whole test split: same n, accuracy and mean
     tokens as transformers, greedy. Counts are exactly equal: both backends count
-    the generated tokens with EOS, run in float32 and pick the same argmax.
+    the generated tokens with EOS, run in float32 and pick the same argmax. (They
+    would differ on a completion that runs into the model's context length, 128
+    positions here: vLLM stops there, transformers goes on to max_new_tokens;
+    the world's models end every test answer long before.)
 
     Last in the module: the command's engine tears down vLLM's per-process
     parallel state when it goes, so the shared engine is not used after this test."""

@@ -5,7 +5,9 @@ says how to install it when it is missing. On a CPU machine the engine runs in
 float32 (as the transformers backend does there) with a 1 GiB KV cache, so the
 two backends score the same greedy completions, and eagerly: on the tiny world's
 reasoning model an eager engine starts in 19 s and scores the test split in
-0.3 s, a compiled one takes 61 s and 5.7 s, with the same tokens.
+0.3 s, a compiled one takes 61 s and 5.7 s, with the same tokens. One
+difference remains by design: vLLM ends a completion at the model's context
+length (``max_position_embeddings``), transformers only at ``max_new_tokens``.
 
 The engine core runs inside the calling process, not in a child: a search
 worker (a daemon process) may not start children, and a resident worker swaps
@@ -42,21 +44,24 @@ def _on_cpu() -> bool:
 def _engine_start() -> Iterator[None]:
     """Start an engine in this process and leave the process as it was.
 
-    vLLM's CPU worker seeds the global random generators and replaces
-    ``torch.set_num_threads`` with a no-op for the whole process; both are put
-    back, so code that runs after it here (a world build on one thread, a test)
-    behaves as before. The in-process switch is set for the start only.
+    vLLM's engine cuts torch to one thread (right for its own scheduler
+    process, but in-process that is ours: a 0.6 B merge then took 50 s instead
+    of 28 s), its CPU worker seeds the global random generators and replaces
+    ``torch.set_num_threads`` with a no-op. All three are put back, so what runs
+    after it here (generation, the next merge, a world build, a test) behaves as
+    before. The in-process switch is set for the start only.
     """
     key = "VLLM_ENABLE_V1_MULTIPROCESSING"
     env = os.environ.get(key)
     if env is None:
         os.environ[key] = "0"
-    set_num_threads = torch.set_num_threads
+    set_num_threads, threads = torch.set_num_threads, torch.get_num_threads()
     rng = random.getstate(), np.random.get_state(), torch.get_rng_state()
     try:
         yield
     finally:
         torch.set_num_threads = set_num_threads
+        set_num_threads(threads)
         random.setstate(rng[0])
         np.random.set_state(rng[1])
         torch.set_rng_state(rng[2])
