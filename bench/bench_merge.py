@@ -67,7 +67,7 @@ def _mergepipe(home: Path, cfg: Path, out: Path, models: list[Path], *extra: str
 
 
 def one_method(method: str, base: Path, experts: list[Path], home: Path, work: Path,
-               dtype: str, budget: str | None) -> dict:
+               dtype: str, budget: str | None, peer: bool = True) -> dict:
     k = len(experts)
     params = PARAMS[method] or {"weight": round(1.0 / k, 6)}
     cfg = work / f"{method}-K{k}.yml"
@@ -76,22 +76,27 @@ def one_method(method: str, base: Path, experts: list[Path], home: Path, work: P
     outs = {t: work / f"{t}-{method}-K{k}" for t in ("mergekit", "exact", "budget")}
     for d in outs.values():
         shutil.rmtree(d, ignore_errors=True)
-    drop_cache(*models)
-    mk = run_measured(mergekit_cmd(cfg, outs["mergekit"]), env=MERGEKIT_ENV)
-    rows = {"mergekit": {"wall_s": mk["wall_s"], "peak_rss": mk["peak_rss"],
-                         "read_bytes": mk["read_bytes"],
-                         "bytes_written": dir_bytes(outs["mergekit"]),
-                         "loadavg_1m": mk["loadavg_1m"]}}
+    rows: dict[str, dict] = {}
+    if peer:
+        drop_cache(*models)
+        mk = run_measured(mergekit_cmd(cfg, outs["mergekit"]), env=MERGEKIT_ENV)
+        rows["mergekit"] = {"wall_s": mk["wall_s"], "peak_rss": mk["peak_rss"],
+                            "read_bytes": mk["read_bytes"],
+                            "bytes_written": dir_bytes(outs["mergekit"]),
+                            "loadavg_1m": mk["loadavg_1m"]}
     rows["mergepipe"] = _mergepipe(home, cfg, outs["exact"], models)
-    rows["mergepipe"].update(_compare(outs["exact"], outs["mergekit"], base))
+    if peer:
+        rows["mergepipe"].update(_compare(outs["exact"], outs["mergekit"], base))
+    shutil.rmtree(outs["exact"], ignore_errors=True)   # room for the next output at scale
     if budget:
         rows[f"mergepipe {budget}"] = _mergepipe(home, cfg, outs["budget"], models,
                                                  "--io-budget", budget)
-        rows[f"mergepipe {budget}"].update(_compare(outs["budget"], outs["mergekit"], base))
+        if peer:
+            rows[f"mergepipe {budget}"].update(_compare(outs["budget"], outs["mergekit"], base))
     for d in outs.values():
         shutil.rmtree(d, ignore_errors=True)
     for tool, v in rows.items():
-        v["speedup"] = rows["mergekit"]["wall_s"] / v["wall_s"]
+        v["speedup"] = rows["mergekit"]["wall_s"] / v["wall_s"] if peer else None
     return {"method": method, "experts": k, "params": params, "tools": rows}
 
 
@@ -111,7 +116,7 @@ def table(results: list[dict], floors: dict[int, dict]) -> str:
     for r in results:
         for tool, v in r["tools"].items():
             dev = f"{v['dev_vs_merge_delta']:.2e}" if "dev_vs_merge_delta" in v else ""
-            sp = f"{v['speedup']:.2f}×" if tool != "mergekit" else ""
+            sp = f"{v['speedup']:.2f}×" if tool != "mergekit" and v["speedup"] else ""
             lines.append(f"| {r['experts']} | {r['method']} | {tool} | {v['wall_s']:.1f} | "
                          f"{gib(v['peak_rss'])} | {gib(v['read_bytes'])} | {sp} | {dev} |")
     return "\n".join(lines)
@@ -138,6 +143,8 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=["task_arithmetic", "ties"])
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--budget", default="10%", help="MergePipe's --io-budget row ('' for none)")
+    ap.add_argument("--no-peer", nargs="*", default=[], metavar="METHOD",
+                    help="methods for which mergekit is not run (at scale it would take too long)")
     ap.add_argument("--work", default="bench/out")
     ap.add_argument("--results", default="bench/results")
     args = ap.parse_args()
@@ -152,7 +159,8 @@ def main() -> None:
     for k in args.experts:
         experts = fam.experts[:k]
         floors[k] = io_floor(fam.base, *experts)
-        results += [one_method(m, fam.base, experts, home, work, args.dtype, args.budget or None)
+        results += [one_method(m, fam.base, experts, home, work, args.dtype, args.budget or None,
+                               peer=m not in args.no_peer)
                     for m in args.methods]
     command = "python " + " ".join([sys.argv[0], *sys.argv[1:]])
     doc = {"size": args.size, "params": fam.params, "experts": args.experts, "dtype": args.dtype,

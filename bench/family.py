@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,9 @@ SIZES = {
     "small": (512, 1408, 12, 8, 16000),
     "medium": (1024, 2816, 16, 16, 32000),
     "0.6b": (1280, 3456, 26, 20, 32000),
+    "4b": (3072, 8192, 36, 24, 32000),      # 8.5 GB in bf16: written tensor by tensor
 }
+STREAMED = {"4b"}       # too big to build as a model object beside its base state in RAM
 BACKGROUND = 0.02       # std of every entry's delta, relative to the tensor's std
 HOT = 0.5               # std of hot-row deltas, relative to the tensor's std
 HOT_LAYER_SHARE = 0.25  # share of layers an expert changes a lot
@@ -89,9 +92,99 @@ def _perturb(model, base_state: dict[str, torch.Tensor], k: int, seed: int, laye
         p.copy_((ref + delta).to(p.dtype))
 
 
+def _llama_shapes(cfg) -> list[tuple[str, tuple[int, ...]]]:
+    """Every parameter of a Llama checkpoint, in the order transformers names them."""
+    h, i, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    out = [("model.embed_tokens.weight", (v, h))]
+    for n in range(cfg.num_hidden_layers):
+        pre = f"model.layers.{n}."
+        out += [(pre + "self_attn.q_proj.weight", (h, h)), (pre + "self_attn.k_proj.weight", (h, h)),
+                (pre + "self_attn.v_proj.weight", (h, h)), (pre + "self_attn.o_proj.weight", (h, h)),
+                (pre + "mlp.gate_proj.weight", (i, h)), (pre + "mlp.up_proj.weight", (i, h)),
+                (pre + "mlp.down_proj.weight", (h, i)),
+                (pre + "input_layernorm.weight", (h,)), (pre + "post_attention_layernorm.weight", (h,))]
+    return out + [("model.norm.weight", (h,)), ("lm_head.weight", (v, h))]
+
+
+def _base_tensor(name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """The base's tensor, regenerated from (seed, name) whenever an expert needs it."""
+    if len(shape) == 1:
+        return torch.ones(shape, dtype=torch.bfloat16)
+    gen = torch.Generator().manual_seed(seed * 7919 + sum(map(ord, name)) * 31 + len(name))
+    return (torch.randn(shape, generator=gen) * 0.02).to(torch.bfloat16)
+
+
+def _write_streamed(path: Path, cfg, tensors, shard_bytes: int = 2 << 30) -> None:
+    """Safetensors shards of about ``shard_bytes`` plus config and index, one shard in RAM."""
+    from safetensors.torch import save_file
+    path.mkdir(parents=True, exist_ok=True)
+    weight_map, shard, size, n = {}, {}, 0, 0
+
+    def flush() -> None:
+        nonlocal shard, size, n
+        n += 1
+        fname = f"model-{n:05d}.safetensors"
+        save_file(shard, str(path / fname), metadata={"format": "pt"})
+        weight_map.update({k: fname for k in shard})
+        shard, size = {}, 0
+
+    for name, t in tensors:
+        shard[name] = t
+        size += t.numel() * t.element_size()
+        if size >= shard_bytes:
+            flush()
+    if shard:
+        flush()
+    total = sum((path / f).stat().st_size for f in set(weight_map.values()))
+    (path / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    cfg.save_pretrained(path)
+    (path / ".complete").write_text("ok\n")
+
+
+def make_streamed_family(root: str | Path, size: str, experts: int, seed: int = 0) -> Family:
+    """A family too big for :func:`make_family`'s in-memory model: same recipe
+    (base + background + hot rows per expert), generated and written tensor by tensor."""
+    t0 = time.perf_counter()
+    cfg = _config(size)
+    top = Path(root) / f"{size}-s{seed}"
+    shapes = _llama_shapes(cfg)
+    base_dir = top / "base"
+    if not _done(base_dir):
+        _write_streamed(base_dir, cfg, ((n, _base_tensor(n, s, seed)) for n, s in shapes))
+    paths = []
+    for k in range(experts):
+        path = top / f"expert{k:02d}"
+        if not _done(path):
+            gen = torch.Generator().manual_seed(seed * 1000 + k)
+            n_hot = max(1, round(cfg.num_hidden_layers * HOT_LAYER_SHARE))
+            hot = set(torch.randperm(cfg.num_hidden_layers, generator=gen)[:n_hot].tolist())
+
+            def expert_tensors(gen=gen, hot=hot):
+                for name, shape in shapes:
+                    ref = _base_tensor(name, shape, seed).float()
+                    scale = float(ref.std()) if ref.numel() > 1 and len(shape) > 1 else 0.02
+                    delta = torch.randn(shape, generator=gen) * (BACKGROUND * scale)
+                    parts = name.split(".")
+                    layer = int(parts[2]) if parts[1] == "layers" else None
+                    if layer in hot or "embed" in name or "lm_head" in name:
+                        share = HOT_ROW_SHARE if layer is not None else 0.02
+                        for a, b in _hot_runs(shape[0], share, gen):
+                            delta[a:b] += torch.randn(delta[a:b].shape, generator=gen) * (HOT * scale)
+                    yield name, (ref + delta).to(torch.bfloat16)
+            _write_streamed(path, cfg, expert_tensors())
+        paths.append(path)
+    params = sum(math.prod(s) for _, s in shapes)
+    meta = {"size": size, "seed": seed, "params": params, "config": cfg.to_dict()}
+    (top / "family.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
+    return Family(base_dir, paths, params, time.perf_counter() - t0)
+
+
 def make_family(root: str | Path, size: str = "tiny", experts: int = 4, seed: int = 0,
                 shard: str = "500MB") -> Family:
     """Create (or reuse) base and experts 0..K-1 under ``root/size-seed``."""
+    if size in STREAMED:
+        return make_streamed_family(root, size, experts, seed)
     from transformers import LlamaForCausalLM
     t0 = time.perf_counter()
     cfg = _config(size)

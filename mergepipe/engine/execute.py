@@ -208,7 +208,7 @@ def task_ranges(task: TensorTask, plan: Plan, block_bytes: int) -> list[Range]:
     return out
 
 
-class _ReadScheduler:
+class ReadScheduler:
     """Announces upcoming tasks' byte ranges, about SCHEDULE_BYTES ahead of the task
     being merged: to the kernel (``fadvise``) and to the reader's read-ahead thread."""
 
@@ -408,7 +408,7 @@ def _execute(plan: Plan, out_dir: Path, device: str, block_bytes: int, allow_non
             writer = ShardWriter(out_dir / fname, [(t.name, t.out_dtype, t.shape) for t in tasks],
                                  phases=phases)
             try:
-                schedule = _ReadScheduler(tasks, plan, reader, block_bytes)
+                schedule = ReadScheduler(tasks, plan, reader, block_bytes)
                 for i, task in enumerate(tasks):
                     schedule.advance(i)
                     merge_task(task, plan, reader, writer, device, block_bytes, phases)

@@ -9,7 +9,8 @@ from typing import Any
 
 import torch
 
-from mergepipe.engine.execute import DEFAULT_BLOCK_BYTES, merge_task
+from mergepipe.engine.execute import (DEFAULT_BLOCK_BYTES, READ_AHEAD_BLOCKS, ReadScheduler,
+                                      merge_task)
 from mergepipe.engine.reader import BlockReader
 from mergepipe.errors import MergePipeError
 from mergepipe.planner.plan import Plan
@@ -36,9 +37,12 @@ def merge_in_memory(plan: Plan, device: str = "cpu",
                     block_bytes: int = DEFAULT_BLOCK_BYTES) -> dict[str, torch.Tensor]:
     """Every output tensor of ``plan``, in its output dtype, byte-equal to `apply`'s."""
     reader = BlockReader(plan.sources)
+    reader.start_read_ahead(READ_AHEAD_BLOCKS * block_bytes)
+    schedule = ReadScheduler(plan.tasks, plan, reader, block_bytes)
     writer = _MemoryWriter(plan)
     try:
-        for task in plan.tasks:
+        for i, task in enumerate(plan.tasks):
+            schedule.advance(i)
             merge_task(task, plan, reader, writer, device, block_bytes)  # type: ignore[arg-type]
     finally:
         reader.close()

@@ -66,7 +66,7 @@ class BlockReader:
                 raise MergePipeError(f"{path} is gone since it was registered")
         return self._fds[key]
 
-    def raw(self, read: Read, start: int, nbytes: int, tensor: str | None = None) -> bytearray:
+    def raw(self, read: Read, start: int, nbytes: int, tensor: str | None = None) -> memoryview:
         """Exactly nbytes from the tensor's byte offset ``start``."""
         return self._get(read, start, nbytes, tensor, None)
 
@@ -107,10 +107,9 @@ class BlockReader:
         with self._time("decode"):
             return self._to_float(buf, read, shape, tensor or "")
 
-    def pread(self, read: Read, start: int, nbytes: int) -> bytearray:
-        """The physical read."""
-        buf = bytearray(nbytes)
-        view = memoryview(buf)
+    def pread(self, read: Read, start: int, nbytes: int) -> memoryview:
+        """The physical read, into a fresh buffer (not zero-filled first: it is all overwritten)."""
+        view = memoryview(torch.empty(nbytes, dtype=torch.uint8).numpy())
         fd = self._fd(read.src, read.file)
         pos, got = read.offset + start, 0
         while got < nbytes:
@@ -120,7 +119,7 @@ class BlockReader:
                 raise BadCheckpointError(f"{path}: file is truncated (wanted bytes up to "
                                          f"{pos + nbytes})")
             got += n
-        return buf
+        return view
 
     def start_read_ahead(self, max_bytes: int) -> "ReadAhead":
         """Run scheduled reads on a background thread from now on (see :class:`ReadAhead`)."""

@@ -8,14 +8,37 @@ reads ``params``/``base`` to resolve settings and inputs, the engine reads
 from __future__ import annotations
 
 import hashlib
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal, Protocol
+from typing import Any, Callable, Iterable, Literal, Protocol, TypeVar
 
 import torch
 
 from mergepipe.errors import SpecError
 
 REQUIRED = object()
+T = TypeVar("T")
+R = TypeVar("R")
+_POOL: ThreadPoolExecutor | None = None
+
+
+def each(fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
+    """``fn`` over ``items`` on one thread per usable core; results in order.
+
+    For per-input work (one input's delta, mask and statistics): each item runs
+    whole on one thread, so results never depend on the pool. torch releases
+    the GIL, so while the engine keeps torch's own thread pool small (beside its
+    read-ahead thread) the inputs of a block still fill every core, with no
+    OpenMP team whose barrier stalls whenever another job holds a core.
+    """
+    global _POOL
+    items = list(items)
+    if len(items) < 2 or torch.get_num_threads() > 1 or len(os.sched_getaffinity(0)) < 2:
+        return [fn(x) for x in items]
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(len(os.sched_getaffinity(0)), thread_name_prefix="mergepipe-input")
+    return list(_POOL.map(fn, items))
 
 
 @dataclass(frozen=True)

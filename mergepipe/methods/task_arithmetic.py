@@ -23,7 +23,7 @@ from typing import Any, Callable, Literal
 import torch
 
 from mergepipe.errors import SpecError
-from mergepipe.methods.base import REQUIRED, MergeMethod, TensorContext, register
+from mergepipe.methods.base import REQUIRED, MergeMethod, TensorContext, each, register
 from mergepipe.methods.reduce import StreamTotal
 from mergepipe.methods.select import RankSelect, RankWindow, magnitude_bits, window_ranks
 
@@ -186,9 +186,8 @@ class FamilyStream:
         return [pass_no < s.passes for s in self.inputs]
 
     def observe(self, pass_no: int, base: torch.Tensor, tensors: list[torch.Tensor | None]) -> None:
-        for s, x in zip(self.inputs, tensors):
-            if pass_no < s.passes:
-                s.observe(pass_no, x - base)
+        jobs = [(s, x) for s, x in zip(self.inputs, tensors) if pass_no < s.passes]
+        each(lambda job: job[0].observe(pass_no, job[1] - base), jobs)
 
     def end_pass(self, pass_no: int) -> None:
         for s in self.inputs:
@@ -201,10 +200,12 @@ class FamilyStream:
         params = self.params
         weights = [float(w) for w in params["weight"]]
         deltas = torch.empty((len(tensors), *base.shape), dtype=base.dtype, device=base.device)
-        for k, x in enumerate(tensors):  # one input's temporaries at a time
-            delta = torch.sub(x, base, out=deltas[k])
+
+        def one(k: int) -> None:   # one input's temporaries per thread at a time
+            delta = torch.sub(tensors[k], base, out=deltas[k])
             if self.family.sparsify is not None:
                 deltas[k] = self.inputs[k].keep(delta)
+        each(one, range(len(tensors)))
         w = torch.tensor(weights, dtype=base.dtype, device=base.device)
         w = w.reshape(-1, *([1] * base.dim()))
         deltas.mul_(w)
