@@ -122,3 +122,34 @@ def ties_with_a_gradient(path: Path) -> Path:
                       "  - model: math\n    parameters: {weight: 0.7, density: 0.5}\n"
                       "  - model: code\n    parameters: {weight: [0.2, 0.6], density: 0.5}\n"
                       "dtype: float32\n")
+
+
+def resident_search(cli: Cli, tmp_path: Path, world: Path, limit: int,
+                    **cfg: Any) -> tuple[list[dict], list[dict]]:
+    """Run a small resident-evaluator search on ``world``, check that nothing was
+    written per candidate, and materialise its front; (trial rows, front rows)."""
+    import json
+
+    import yaml
+
+    from mergepipe.catalog import schema
+    from mergepipe.catalog.store import open_catalog
+    config = {"base": str(world / "base"), "reasoning": str(world / "reasoning"),
+              "tasks": [str(world / "test.jsonl")], "algorithm": "sobol", "workers": 1,
+              "seed": 0, "limit": limit, "evaluator": "resident", **cfg}
+    (tmp_path / "s.yml").write_text(yaml.safe_dump(config))
+    final = json.loads(cli("search", "run", tmp_path / "s.yml", "--json")
+                       .stdout.strip().splitlines()[-1])
+    assert final["trials"] == config["n_total"] and final["failed"] == 0
+    root = cli.home / "searches" / final["search_id"]
+    assert not list(root.glob("t*")) and not list(root.glob(".t*"))   # nothing per candidate
+    with open_catalog(cli.home) as cat:
+        trials = cat.rows(sa.select(schema.trials).order_by(schema.trials.c.trial))
+        plans = {r["plan_id"] for r in cat.rows(sa.select(schema.plans.c.plan_id))}
+        runs = cat.rows(sa.select(schema.runs))
+    assert all(t["plan_id"] in plans and t["model_id"] is None for t in trials) and not runs
+    rows = [json.loads(line) for line in
+            cli("search", "pareto", final["search_id"], "--materialize", "--json")
+            .stdout.splitlines()]
+    assert rows and all(r["on_disk"] and r["model_id"] for r in rows)
+    return trials, rows

@@ -23,7 +23,7 @@ def test_a_batch_is_computed_beside_the_caller_and_avoids_pending_points():
     proposer = Proposer(alg)
     try:
         proposer.request(X.tolist(), Y.tolist(), pending, 4, 8, version=8)
-        assert proposer.busy            # request returned at once; the refit runs in a thread
+        assert proposer.busy            # request returned at once; the refit runs in a process
         version, points = proposer.take(block=True)
         assert not proposer.busy and proposer.take() is None
     finally:

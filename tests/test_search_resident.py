@@ -2,21 +2,18 @@
 the front is materialised through apply and scores from disk what it scored in memory."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
-import sqlalchemy as sa
 import torch
-import yaml
 from safetensors.torch import load_file
 
 from mergepipe import api
-from mergepipe.catalog import schema
 from mergepipe.catalog.store import open_catalog
 from mergepipe.errors import MergePipeError
 from mergepipe.engine.memory import merge_in_memory
 from mergepipe.search.resident import swap_weights
+from tests.conftest import resident_search
 
 
 def _spec(fam: dict[str, Path], dtype: str) -> dict:
@@ -62,24 +59,7 @@ def test_a_resident_search_writes_no_candidate_and_its_front_scores_the_same_fro
     from mergepipe.evaluate import evaluate_model
     from mergepipe.world.build import ensure_world
     world = ensure_world("test")
-    cfg = {"base": str(world / "base"), "reasoning": str(world / "reasoning"),
-           "tasks": [str(world / "test.jsonl")], "algorithm": "sobol", "n_init": 3,
-           "n_total": 3, "workers": 1, "seed": 0, "limit": 8, "evaluator": "resident"}
-    (tmp_path / "s.yml").write_text(yaml.safe_dump(cfg))
-    final = json.loads(cli("search", "run", tmp_path / "s.yml", "--json")
-                       .stdout.strip().splitlines()[-1])
-    sid = final["search_id"]
-    assert final["trials"] == 3 and final["failed"] == 0
-    root = cli.home / "searches" / sid
-    assert not list(root.glob("t*")) and not list(root.glob(".t*"))   # nothing per candidate
-    with open_catalog(cli.home) as cat:
-        trials = cat.rows(sa.select(schema.trials).order_by(schema.trials.c.trial))
-        plans = {r["plan_id"] for r in cat.rows(sa.select(schema.plans.c.plan_id))}
-        runs = cat.rows(sa.select(schema.runs))
-    assert all(t["plan_id"] in plans and t["model_id"] is None for t in trials) and not runs
-    rows = [json.loads(l) for l in cli("search", "pareto", sid, "--materialize", "--json")
-            .stdout.splitlines()]
-    assert rows and all(r["on_disk"] and r["model_id"] for r in rows)
+    _, rows = resident_search(cli, tmp_path, world, 8, n_init=3, n_total=3)
     for r in rows:
         assert api.verify(r["path"]).ok
         got = evaluate_model(r["path"], world / "test.jsonl", limit=8, device="cpu")

@@ -15,6 +15,7 @@ from mergepipe.search import trials
 from mergepipe.search.config import SearchConfig
 from mergepipe.search.jobs import EvaluateJob, TaskRef
 from mergepipe.search.objectives import Anchors, TaskAnchor
+from mergepipe.search.resident import ResidentEvaluateJob
 from mergepipe.search.workers import WorkerPool
 
 
@@ -40,9 +41,12 @@ def _cached(cat: Catalog, model_id: str, tasks: list[TaskRef]) -> dict[str, dict
 
 
 def evaluate_sources(cat: Catalog, models: list[dict[str, Any]], tasks: list[TaskRef],
-                     device: str, pool: WorkerPool,
-                     backend: str = "transformers") -> dict[str, dict[str, dict[str, Any]]]:
-    """``{model_id: {task: metrics}}``, evaluating in parallel only what is not cached."""
+                     device: str, pool: WorkerPool, backend: str = "transformers",
+                     engine_dir: str | None = None) -> dict[str, dict[str, dict[str, Any]]]:
+    """``{model_id: {task: metrics}}``, evaluating in parallel only what is not cached.
+
+    With ``engine_dir`` (resident evaluators) each source is loaded into the
+    worker's live engine, started from ``engine_dir``, instead of a new one."""
     results: dict[str, dict[str, dict[str, Any]]] = {}
     todo = []
     for m in models:
@@ -59,7 +63,10 @@ def evaluate_sources(cat: Catalog, models: list[dict[str, Any]], tasks: list[Tas
             m = todo.pop(0)
             key = -1 - len(results) - len(waiting)   # negative ids never clash with trials
             waiting[key] = m
-            pool.submit(worker, key, EvaluateJob(m["path"], tasks, device, backend=backend))
+            job: Any = EvaluateJob(m["path"], tasks, device, backend=backend) \
+                if engine_dir is None else \
+                ResidentEvaluateJob(m["path"], engine_dir, tasks, device, backend)
+            pool.submit(worker, key, job)
         for r in pool.wait(timeout=None):
             m = waiting.pop(r.trial)
             if not r.ok:
@@ -75,10 +82,11 @@ def evaluate_sources(cat: Catalog, models: list[dict[str, Any]], tasks: list[Tas
 
 def ensure_anchors(cat: Catalog, search_id: str, row: dict[str, Any], base: dict[str, Any],
                    reasoning: dict[str, Any], tasks: list[TaskRef], device: str,
-                   pool: WorkerPool, backend: str = "transformers") -> Anchors:
+                   pool: WorkerPool, backend: str = "transformers",
+                   engine_dir: str | None = None) -> Anchors:
     if row.get("anchors"):
         return Anchors.from_json(row["anchors"]["tasks"])
-    ev = evaluate_sources(cat, [base, reasoning], tasks, device, pool, backend)
+    ev = evaluate_sources(cat, [base, reasoning], tasks, device, pool, backend, engine_dir)
     b, r = ev[base["model_id"]], ev[reasoning["model_id"]]
     anchors = Anchors({t.name: TaskAnchor(b[t.name]["accuracy"], r[t.name]["accuracy"],
                                           b[t.name]["mean_tokens"], r[t.name]["mean_tokens"])

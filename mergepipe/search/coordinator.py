@@ -94,9 +94,11 @@ class SearchRun:
             raise RuntimeError(f"model {self.base['name']} has no transformer layers indexed")
         self.space = LayerSpace(layers, cfg.group_size)
         self.tasks = task_refs(cfg)
+        resident = cfg.evaluator == "resident"   # sources scored in the trials' engines
         self.anchors: Anchors = ensure_anchors(self.cat, self.sid, self.row, self.base,
                                                self.reasoning, self.tasks, cfg.device, pool,
-                                               backend=cfg.backend)
+                                               backend=cfg.backend,
+                                               engine_dir=self.base["path"] if resident else None)
         lengthscales = None
         if cfg.algorithm == "apbmm":
             lengthscales = ensure_prior(self.cat, self.sid, self.row, self.base, self.reasoning,

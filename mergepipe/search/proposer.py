@@ -2,7 +2,7 @@
 
 A refit plus acquisition takes seconds while a tiny-world evaluation takes less
 than one, so the coordinator cannot afford to compute a proposal when a worker
-frees up. :class:`Proposer` runs the algorithm in a background thread on a
+frees up. :class:`Proposer` runs the algorithm in a background process on a
 snapshot of the history; the coordinator keeps the newest batch as its ready
 queue and hands points from it to workers as they free up. Each refit sees the
 candidates in flight *and* the ready ones as pending points, so a new batch
@@ -10,10 +10,10 @@ does not repeat a point that was handed out while it was being computed.
 """
 from __future__ import annotations
 
-import threading
+import multiprocessing as mp
 import time
 import warnings
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -36,64 +36,77 @@ def propose_points(alg: Algorithm, X: Sequence[Sequence[float]], Y: Sequence[Seq
 
 
 class Proposer:
-    """One background thread that computes one batch of proposals at a time."""
+    """One background process that computes one batch of proposals at a time.
+
+    A process, not a thread: a GP refit holds the GIL for much of its seconds,
+    and a thread doing it would stall the coordinator's loop (dispatching and
+    recording), so freed workers would wait after all. The algorithm is sent
+    once; each request carries only the history snapshot.
+    """
 
     def __init__(self, alg: Algorithm):
-        self.alg = alg
-        self._cv = threading.Condition()
-        self._job: tuple | None = None
-        self._done: tuple[int, list[list[float]]] | None = None
+        ctx = mp.get_context("spawn")    # never fork a process that holds torch's threads
+        self._conn, child = ctx.Pipe()
+        self._proc = ctx.Process(target=_serve, args=(alg, child), name="mergepipe-proposer",
+                                 daemon=True)
+        self._proc.start()
+        child.close()
         self._busy = False
-        self._closed = False
+        self._done: tuple[int, list[list[float]]] | None = None
         self.last_s = 0.0       # how long the last batch took (the coordinator plans ahead with it)
-        self._thread = threading.Thread(target=self._run, name="mergepipe-proposer", daemon=True)
-        self._thread.start()
+
+    def _poll(self, block: bool = False) -> None:
+        if self._busy and (block or self._conn.poll()):
+            try:
+                version, points, seconds = self._conn.recv()
+            except EOFError:
+                raise RuntimeError("the proposer process died") from None
+            self._done, self.last_s, self._busy = (version, points), seconds, False
 
     @property
     def busy(self) -> bool:
         """A batch is being computed or waits to be taken."""
-        with self._cv:
-            return self._busy or self._done is not None
+        self._poll()
+        return self._busy or self._done is not None
 
     def request(self, X: list[list[float]], Y: list[list[float]], pending: list[list[float]],
                 n: int, trial: int, version: int) -> None:
-        """Start a batch on this snapshot (copied); ``version`` comes back with the result."""
-        with self._cv:
-            if self._busy or self._done is not None:
-                raise RuntimeError("the proposer is already computing a batch")
-            self._job = ([list(x) for x in X], [list(y) for y in Y],
-                         [list(p) for p in pending], n, trial, version)
-            self._busy = True
-            self._cv.notify_all()
+        """Start a batch on this snapshot; ``version`` comes back with the result."""
+        if self.busy:
+            raise RuntimeError("the proposer is already computing a batch")
+        self._conn.send((X, Y, pending, n, trial, version))
+        self._busy = True
 
     def take(self, block: bool = False) -> tuple[int, list[list[float]]] | None:
         """The finished batch as (version, points), or None if none is ready."""
-        with self._cv:
-            while block and self._done is None and self._busy:
-                self._cv.wait()
-            done, self._done = self._done, None
-            return done
-
-    def _run(self) -> None:
-        torch.set_num_threads(1)
-        while True:
-            with self._cv:
-                while self._job is None and not self._closed:
-                    self._cv.wait()
-                if self._closed:
-                    return
-                X, Y, pending, n, trial, version = self._job
-                self._job = None
-            t0 = time.perf_counter()
-            points = propose_points(self.alg, X, Y, pending, n, trial)
-            with self._cv:
-                self.last_s = time.perf_counter() - t0
-                self._done = (version, points)
-                self._busy = False
-                self._cv.notify_all()
+        self._poll(block)
+        done, self._done = self._done, None
+        return done
 
     def close(self) -> None:
-        """Stop after the batch in progress (the thread is a daemon: exit never waits)."""
-        with self._cv:
-            self._closed = True
-            self._cv.notify_all()
+        """Stop the process (a batch in progress is abandoned)."""
+        try:
+            self._conn.send(None)
+        except (BrokenPipeError, OSError):
+            pass
+        self._proc.join(timeout=2)
+        if self._proc.is_alive():
+            self._proc.terminate()
+            self._proc.join()
+        self._conn.close()
+
+
+def _serve(alg: Algorithm, conn: Any) -> None:
+    """The proposer process: one batch per request until told to stop."""
+    torch.set_num_threads(1)
+    while True:
+        try:
+            job = conn.recv()
+        except EOFError:
+            return
+        if job is None:
+            return
+        X, Y, pending, n, trial, version = job
+        t0 = time.perf_counter()
+        points = propose_points(alg, X, Y, pending, n, trial)
+        conn.send((version, points, time.perf_counter() - t0))

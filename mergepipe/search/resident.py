@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -78,27 +79,58 @@ class ResidentJob:
     stretch: float = 1.0
 
     def run(self) -> dict[str, Any]:
-        from mergepipe.evaluate import load_task, run_task
-        from mergepipe.evaluate.runner import DEFAULT_MAX_NEW_TOKENS
-        from mergepipe.search.jobs import _stretch
         t0 = time.time()
         engine = resident_engine(self.backend, self.engine_dir, self.device)
         t1 = time.time()
         if hasattr(engine, "load_plan"):   # the engine merges inside its own worker (vLLM)
             engine.load_plan(self.plan)
-            merge_s, load_s = engine.last_load["merge_s"], engine.last_load["load_s"]
+            merge_s = engine.last_load.get("merge_s", 0.0)
+            load_s = engine.last_load.get("load_s", 0.0)
         else:
             tensors = merge_in_memory(self.plan, device=self.device)
             t2 = time.time()
             swap_weights(live_module(engine), tensors)
             merge_s, load_s = t2 - t1, time.time() - t2
-        metrics = {}
-        for t in self.tasks:
-            res = run_task(engine, load_task(t.path).head(t.limit),
-                           t.max_new_tokens or DEFAULT_MAX_NEW_TOKENS)
-            metrics[t.name] = {"accuracy": float(res.accuracy),
-                               "mean_tokens": float(res.mean_tokens), "n": int(res.n),
-                               "wall_s": float(res.wall_s), "backend": res.backend}
+        metrics = _score(engine, self.tasks)
+        from mergepipe.search.jobs import _stretch
         _stretch(time.time() - t0, self.stretch)
         return {"metrics": metrics, "report": None,
                 "overhead": {"engine_start_s": t1 - t0, "merge_s": merge_s, "load_s": load_s}}
+
+
+@dataclass
+class ResidentEvaluateJob:
+    """Score a checkpoint (a source model: an anchor) with the worker's live engine.
+
+    The weights are loaded into the engine the trials will use, so a search
+    starts one engine per worker, not one more per source model.
+    """
+
+    model_dir: str
+    engine_dir: str
+    tasks: list[Any]
+    device: str = "cpu"
+    backend: str = "transformers"
+
+    def run(self) -> dict[str, Any]:
+        engine = resident_engine(self.backend, self.engine_dir, self.device)
+        if hasattr(engine, "load_dir"):
+            engine.load_dir(self.model_dir)
+        else:
+            from safetensors.torch import load_file
+            files = sorted(Path(self.model_dir).glob("*.safetensors"))
+            swap_weights(live_module(engine), {k: v for f in files for k, v in load_file(f).items()})
+        return {"metrics": _score(engine, self.tasks), "report": None}
+
+
+def _score(engine: Any, tasks: list[Any]) -> dict[str, dict[str, Any]]:
+    from mergepipe.evaluate import load_task, run_task
+    from mergepipe.evaluate.runner import DEFAULT_MAX_NEW_TOKENS
+    metrics = {}
+    for t in tasks:
+        res = run_task(engine, load_task(t.path).head(t.limit),
+                       t.max_new_tokens or DEFAULT_MAX_NEW_TOKENS)
+        metrics[t.name] = {"accuracy": float(res.accuracy),
+                           "mean_tokens": float(res.mean_tokens), "n": int(res.n),
+                           "wall_s": float(res.wall_s), "backend": res.backend}
+    return metrics
