@@ -60,6 +60,9 @@ def _worker_main(name: str, inbox: "mp.Queue[Any]", outbox: "mp.Queue[Any]",
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     import torch  # imported here so the parent's thread settings don't leak in
     torch.set_num_threads(1)
+    # below the coordinator: its short turns (record a result, hand out the next point)
+    # must not queue for a core behind the evaluations it feeds
+    os.nice(WORKER_NICE)
     from mergepipe.evaluate.hf import silence_transformers
     silence_transformers()
     _warm_imports(warm)
@@ -84,6 +87,7 @@ def _worker_main(name: str, inbox: "mp.Queue[Any]", outbox: "mp.Queue[Any]",
                                    started, time.time()))
 
 
+WORKER_NICE = 5
 WARM_MODULES = ("mergepipe.engine.execute", "mergepipe.evaluate")
 
 
