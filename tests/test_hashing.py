@@ -80,3 +80,17 @@ def test_an_output_whose_manifest_holds_blake2b_hashes_verifies(cli, family, tmp
     manifest_path.write_text(json.dumps(manifest))
     problems = verify_dir(tmp_path / "out").problems
     assert problems == [f"tensor {name!r}: hash differs from the manifest"]
+
+
+def test_a_manifest_naming_an_unknown_hash_is_a_problem_not_a_crash(cli, family, tmp_path):
+    for n in ("base", "e1"):
+        cli("register", family[n], "--name", n)
+    cli("apply", ta_spec(tmp_path / "s.yml", "base", ["e1"]), "--out", tmp_path / "out")
+    manifest_path = tmp_path / "out" / MANIFEST
+    manifest = json.loads(manifest_path.read_text())
+    manifest["tensor_hash"] = "md5"
+    manifest_path.write_text(json.dumps(manifest))
+    res = verify_dir(tmp_path / "out")
+    assert not res.ok and res.problems == ["manifest names an unknown tensor hash 'md5'"]
+    out = cli("verify", tmp_path / "out", ok=False)
+    assert out.exit_code != 0

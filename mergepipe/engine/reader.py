@@ -244,6 +244,7 @@ class ReadAhead:
         self._cv = threading.Condition()
         self._slots: deque[_Slot] = deque()
         self._held = 0                          # bytes read (or being read) and not yet taken
+        self._pending = 0                       # bytes scheduled and not yet taken
         self._closed = False
         self.unused_bytes = 0
         self._thread = threading.Thread(target=self._run, name="mergepipe-read-ahead",
@@ -261,12 +262,13 @@ class ReadAhead:
             for read, start, nbytes, tensor, shape in ranges:
                 key = self._key(read, start, nbytes, shape is not None)
                 self._slots.append(_Slot(key, read, start, nbytes, tensor, shape))
+                self._pending += nbytes
             self._cv.notify_all()
 
     def pending_bytes(self) -> int:
         """Bytes scheduled and not yet taken (read or not)."""
         with self._cv:
-            return sum(slot.nbytes for slot in self._slots)
+            return self._pending
 
     def take(self, read: Read, start: int, nbytes: int, decoded: bool) -> Any:
         """The scheduled range's result (waiting for it if needed), or None."""
@@ -280,6 +282,7 @@ class ReadAhead:
                 while slot.state == _Slot.READING:
                     self._cv.wait()
                 self._slots.popleft()
+                self._pending -= slot.nbytes
                 if slot.state == _Slot.DONE and not isinstance(slot.result, BaseException):
                     self._held -= slot.nbytes
                     if slot.key != key:         # scheduled, read, then skipped over

@@ -140,9 +140,12 @@ def verify_dir(path: str | Path) -> VerifyResult:
             if not p.is_dir() and rel != MANIFEST and rel not in weights and rel not in side:
                 problems.append(f"{rel}: not in the manifest")
     hashes: dict[str, str] = {}
+    kind = manifest.get("tensor_hash", BLAKE2B)
+    if kind not in (BLAKE3, BLAKE2B):
+        problems.append(f"manifest names an unknown tensor hash {kind!r}")
     if not problems:
         try:
-            hashes = hash_tensors(scan(path), kind=manifest.get("tensor_hash", BLAKE2B))
+            hashes = hash_tensors(scan(path), kind=kind)
         except MergePipeError as exc:
             problems.append(str(exc))
     if hashes:
