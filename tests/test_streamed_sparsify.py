@@ -27,13 +27,15 @@ def _pieces(n: int, g: torch.Generator) -> list[tuple[int, int]]:
 def _window_mask(x: torch.Tensor, r0: int, r1: int, descending: bool,
                  pieces: list[tuple[int, int]]) -> torch.Tensor:
     """The streaming selection, fed piece by piece as the engine feeds row blocks."""
-    select = RankSelect(window_ranks(x.numel(), r0, r1, descending))
+    ranks = window_ranks(x.numel(), r0, r1, descending)
+    select = RankSelect([r for r in ranks if r is not None])
     for p in range(2):
         for a, b in pieces:
             select.observe(p, magnitude_bits(x[a:b]))
         select.end_pass(p)
-    first, last = select.boundaries
-    window = RankWindow(r0, r1, first, last, x.numel(), descending)
+    found = iter(select.boundaries)
+    lo, hi = (None if r is None else next(found) for r in ranks)
+    window = RankWindow(r0, r1, lo, hi, x.numel(), descending)
     return torch.cat([window.mask(magnitude_bits(x[a:b])) for a, b in pieces])
 
 
@@ -164,3 +166,26 @@ def test_threads_follow_the_usable_cores_and_are_put_back(bf16_family, tmp_path)
     assert auto.phases["cores"] == usable_cores()
     assert one.phases["threads"] == 1
     assert _sha(tmp_path / "auto") == _sha(tmp_path / "one")
+
+
+@pytest.mark.parametrize("weights", [(0.7, 0.5, 1.0, 0.3), (0.7, -0.5, 1.0, 0.3)])
+def test_column_stepped_consensus_has_mergekits_bits(weights):
+    """The sign election in cache-sized column steps equals mergekit's whole-tensor one."""
+    from mergekit.merge_methods.generalized_task_arithmetic import get_mask
+
+    from mergepipe.methods.task_arithmetic import CONSENSUS_COLUMNS, _consensus
+
+    g = torch.Generator().manual_seed(5)
+    n = 2 * CONSENSUS_COLUMNS + 777
+    deltas = torch.randn(len(weights), n, generator=g).bfloat16().float()   # ties and zeros
+    deltas[torch.rand(deltas.shape, generator=g) < 0.4] = 0
+    deltas[:, :50] = 0                                    # columns where nothing agrees
+    w = torch.tensor(weights).reshape(-1, 1)
+    deltas.mul_(w)
+    mask = get_mask(deltas, method="sum")
+    want_mixed = (deltas * mask).sum(dim=0)
+    want_divisor = (w * mask).sum(dim=0)
+    want_divisor[want_divisor == 0] = 1
+    mixed, divisor = _consensus(deltas.clone(), w, normalize=True)
+    assert torch.equal(mixed, want_mixed)
+    assert torch.equal(mixed / divisor, want_mixed / want_divisor)

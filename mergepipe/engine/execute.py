@@ -149,15 +149,16 @@ READ_AHEAD_BLOCKS = 8           # bytes read and waiting for the merge thread, i
 SCHEDULE_BYTES = 256 << 20      # announced to the kernel (fadvise) and the read-ahead thread
 
 
-Range = tuple[Read, int, int, str, "tuple[int, ...] | None"]   # as ReadAhead.schedule takes
+# as ReadAhead.schedule takes: (read, start, nbytes, tensor, shape, native)
+Range = tuple[Read, int, int, str, "tuple[int, ...] | None", bool]
 
 
-def _rows_range(read: Read, task: TensorTask, a: int, b: int) -> Range:
-    """What ``reader.rows(read, task.shape, a, b, ...)`` reads and returns."""
+def _rows_range(read: Read, task: TensorTask, a: int, b: int, native: bool = False) -> Range:
+    """What ``reader.rows(read, task.shape, a, b, ..., native)`` reads and returns."""
     shape = task.shape
     row_bytes = row_split(shape, read.nbytes)[1]
     return read, a * row_bytes, (b - a) * row_bytes, task.name, \
-        (b - a, *shape[1:]) if shape else ()
+        (b - a, *shape[1:]) if shape else (), native
 
 
 def _block_inputs(task: TensorTask, drop: bool, a: int, b: int) -> list[int]:
@@ -166,31 +167,32 @@ def _block_inputs(task: TensorTask, drop: bool, a: int, b: int) -> list[int]:
     return [i for i, r in enumerate(task.inputs) if not drop or _selected(r, a, b)]
 
 
-def _input_ranges(task: TensorTask, i: int, a: int, b: int) -> list[Range]:
+def _input_ranges(task: TensorTask, i: int, a: int, b: int, native: bool) -> list[Range]:
     """What :func:`_read_inputs` reads of input ``i`` for rows [a, b)."""
     r = task.inputs[i]
     if r.alias_base and task.base is not None:
         return []
     if r.rows is not None and task.base is not None \
             and not any(lo <= a and b <= hi for lo, hi in r.rows):
-        return [_rows_range(r, task, max(a, lo), min(b, hi))
+        return [_rows_range(r, task, max(a, lo), min(b, hi), native)
                 for lo, hi in r.rows if max(a, lo) < min(b, hi)]
-    return [_rows_range(r, task, a, b)]
+    return [_rows_range(r, task, a, b, native)]
 
 
 def task_ranges(task: TensorTask, plan: Plan, block_bytes: int) -> list[Range]:
     """The byte ranges :func:`merge_task` reads for ``task``, in its order."""
     if task.scope == "copy":
         src = task.base or task.inputs[0]
-        return [(src, 0, src.nbytes, task.name, None)]
+        return [(src, 0, src.nbytes, task.name, None, False)]
     method = get_method(plan.method)
+    native = _native(method, task)
     out: list[Range] = []
 
     def block(a: int, b: int, idx: list[int]) -> None:
         if task.base is not None:
             out.append(_rows_range(task.base, task, a, b))
         for i in idx:
-            out.extend(_input_ranges(task, i, a, b))
+            out.extend(_input_ranges(task, i, a, b, native))
 
     if _streams(method, task):   # statistics passes over the wanted inputs, then the merge
         chunks = list(_chunks(task, block_bytes, streamed=True))
@@ -249,17 +251,22 @@ def _drops(method: Any, task: TensorTask) -> bool:
         and drops_base_equal_inputs(method, task.params)
 
 
+def _native(method: Any, task: TensorTask) -> bool:
+    """Whether inputs are handed over in the file's dtype (the method converts them)."""
+    return method.native_inputs and task.base is not None
+
+
 def _read_inputs(task: TensorTask, idx: list[int], reader: BlockReader, base: torch.Tensor | None,
-                 a: int, b: int, device: str) -> list[torch.Tensor]:
+                 a: int, b: int, device: str, native: bool = False) -> list[torch.Tensor]:
     inputs = []
     for i in idx:
         r = task.inputs[i]
         if r.alias_base and base is not None:
             inputs.append(base)
         elif r.rows is not None and base is not None:
-            inputs.append(reader.rows_over(r, task.shape, a, b, base, task.name))
+            inputs.append(reader.rows_over(r, task.shape, a, b, base, task.name, native))
         else:
-            inputs.append(reader.rows(r, task.shape, a, b, task.name, device))
+            inputs.append(reader.rows(r, task.shape, a, b, task.name, device, native))
     return inputs
 
 
@@ -288,7 +295,7 @@ def merge_task(task: TensorTask, plan: Plan, reader: BlockReader, writer: ShardW
                 data = _to_bytes(base, task.out_dtype)
             writer.write(task.name, data)
             continue
-        inputs = _read_inputs(task, idx, reader, base, a, b, device)
+        inputs = _read_inputs(task, idx, reader, base, a, b, device, _native(method, task))
         params = task.params
         if len(idx) < len(task.inputs):
             params = {**params, **{k: [params[k][i] for i in idx]
@@ -313,12 +320,13 @@ def _stream_task(task: TensorTask, plan: Plan, method: Any, reader: BlockReader,
     """
     stream = method.stream(_context(task, plan), task.params, len(task.inputs))
     chunks = list(_chunks(task, block_bytes, streamed=True))
+    native = _native(method, task)
     counted = list(reader.bytes_read)
     for p in range(stream.passes):
         idx = [i for i, w in enumerate(stream.wanted(p)) if w]
         for a, b in chunks:
             base = reader.rows(task.base, task.shape, a, b, task.name, device)
-            got = dict(zip(idx, _read_inputs(task, idx, reader, base, a, b, device)))
+            got = dict(zip(idx, _read_inputs(task, idx, reader, base, a, b, device, native)))
             with phases.time("stats"):
                 stream.observe(p, base, [got.get(i) for i in range(len(task.inputs))])
         with phases.time("stats"):
@@ -329,7 +337,7 @@ def _stream_task(task: TensorTask, plan: Plan, method: Any, reader: BlockReader,
     everyone = list(range(len(task.inputs)))
     for a, b in chunks:
         base = reader.rows(task.base, task.shape, a, b, task.name, device)
-        inputs = _read_inputs(task, everyone, reader, base, a, b, device)
+        inputs = _read_inputs(task, everyone, reader, base, a, b, device, native)
         with phases.time("math"):
             out = stream.merge(base, inputs)
         with phases.time("encode"):

@@ -71,28 +71,30 @@ class BlockReader:
         return self._get(read, start, nbytes, tensor, None)
 
     def rows(self, read: Read, shape: tuple[int, ...], a: int, b: int, tensor: str,
-             device: torch.device | str = "cpu") -> torch.Tensor:
-        """Rows [a, b) of a tensor as float32 on ``device``."""
+             device: torch.device | str = "cpu", native: bool = False) -> torch.Tensor:
+        """Rows [a, b) of a tensor on ``device``: as float32, or ``native``ly in the
+        file's float dtype (bf16 rows for a method that converts as it subtracts)."""
         row_bytes = row_split(shape, read.nbytes)[1]
         t = self._get(read, a * row_bytes, (b - a) * row_bytes, tensor,
-                      (b - a, *shape[1:]) if shape else ())
+                      (b - a, *shape[1:]) if shape else (), native)
         return t.to(device)
 
     def _get(self, read: Read, start: int, nbytes: int, tensor: str | None,
-             shape: tuple[int, ...] | None) -> Any:
-        """Bytes (``shape`` None) or float32 rows: from the read-ahead thread when it was
+             shape: tuple[int, ...] | None, native: bool = False) -> Any:
+        """Bytes (``shape`` None) or rows: from the read-ahead thread when it was
         scheduled there, else read here; counted as read either way."""
         got = None
         if self.ahead is not None:
             with self._time("read"):   # the merge waits for its input
-                got = self.ahead.take(read, start, nbytes, shape is not None)
+                got = self.ahead.take(read, start, nbytes, _form(shape, native))
         if got is None:
-            got = self.fetch(read, start, nbytes, tensor, shape)
+            got = self.fetch(read, start, nbytes, tensor, shape, native=native)
         self.bytes_read[read.src] += nbytes
         return got
 
     def fetch(self, read: Read, start: int, nbytes: int, tensor: str | None,
-              shape: tuple[int, ...] | None, read_phase: str = "read") -> Any:
+              shape: tuple[int, ...] | None, read_phase: str = "read",
+              native: bool = False) -> Any:
         """Read, check against the registered hash, and decode when ``shape`` is given.
 
         Thread-safe: the read-ahead thread runs it for scheduled ranges, in order
@@ -105,7 +107,7 @@ class BlockReader:
         if shape is None:
             return buf
         with self._time("decode"):
-            return self._to_float(buf, read, shape, tensor or "")
+            return self._to_float(buf, read, shape, tensor or "", native)
 
     def pread(self, read: Read, start: int, nbytes: int) -> memoryview:
         """The physical read, into a fresh buffer (not zero-filled first: it is all overwritten)."""
@@ -160,14 +162,17 @@ class BlockReader:
         self.checked_bytes += read.nbytes
 
     def rows_over(self, read: Read, shape: tuple[int, ...], a: int, b: int,
-                  fill: torch.Tensor, tensor: str) -> torch.Tensor:
+                  fill: torch.Tensor, tensor: str, native: bool = False) -> torch.Tensor:
         """Rows [a, b), reading only the selected row ranges; the rest come from ``fill``.
 
         Used in budget mode: unselected expert blocks count as zero delta, so
-        they take the base's values and cost no I/O.
+        they take the base's values and cost no I/O; a block with no selected row
+        is ``fill`` itself (methods must not modify their inputs).
         """
         if read.rows is None or any(lo <= a and b <= hi for lo, hi in read.rows):
-            return self.rows(read, shape, a, b, tensor, fill.device)
+            return self.rows(read, shape, a, b, tensor, fill.device, native)
+        if not any(lo < b and a < hi for lo, hi in read.rows):
+            return fill   # nothing selected here: ``fill`` itself, which methods may skip
         out = fill.clone()
         for ra, rb in read.rows:
             lo, hi = max(a, ra), min(b, rb)
@@ -189,11 +194,12 @@ class BlockReader:
                 os.posix_fadvise(fd, read.offset + start, length, os.POSIX_FADV_WILLNEED)
 
     def _to_float(self, buf: bytearray, read: Read, shape: tuple[int, ...],
-                  tensor: str) -> torch.Tensor:
+                  tensor: str, native: bool = False) -> torch.Tensor:
         if not buf:
             return torch.zeros(shape, dtype=torch.float32)
         t = torch.frombuffer(buf, dtype=torch_dtype(read.dtype)).reshape(shape)
-        t = t.to(dtype=torch.float32)
+        if not (native and t.is_floating_point()):
+            t = t.to(dtype=torch.float32)
         # any NaN/Inf makes the sum non-finite; only then pay for the elementwise check
         # (which also tells a true NaN/Inf from a sum that merely overflowed)
         if not self.allow_nonfinite and not bool(torch.isfinite(t.sum())) \
@@ -212,14 +218,20 @@ class BlockReader:
         self._fds.clear()
 
 
+def _form(shape: tuple[int, ...] | None, native: bool) -> str:
+    """What a read hands over: raw bytes, float32 rows, or rows in the file's dtype."""
+    return "bytes" if shape is None else "native" if native else "f32"
+
+
 class _Slot:
-    __slots__ = ("key", "read", "start", "nbytes", "tensor", "shape", "state", "result")
+    __slots__ = ("key", "read", "start", "nbytes", "tensor", "shape", "native", "state",
+                 "result")
     QUEUED, READING, DONE = 0, 1, 2
 
     def __init__(self, key: tuple, read: Read, start: int, nbytes: int, tensor: str | None,
-                 shape: tuple[int, ...] | None):
+                 shape: tuple[int, ...] | None, native: bool):
         self.key, self.read, self.start, self.nbytes = key, read, start, nbytes
-        self.tensor, self.shape = tensor, shape
+        self.tensor, self.shape, self.native = tensor, shape, native
         self.state = _Slot.QUEUED
         self.result: Any = None
 
@@ -252,16 +264,18 @@ class ReadAhead:
         self._thread.start()
 
     @staticmethod
-    def _key(read: Read, start: int, nbytes: int, decoded: bool) -> tuple:
-        return (read.src, read.file, read.offset + start, nbytes, decoded)
+    def _key(read: Read, start: int, nbytes: int, form: str) -> tuple:
+        return (read.src, read.file, read.offset + start, nbytes, form)
 
-    def schedule(self, ranges: list[tuple[Read, int, int, str, tuple[int, ...] | None]]) -> None:
-        """Append (read, start, nbytes, tensor, shape) ranges in the order they will be
-        taken; ``shape`` None hands over the raw bytes, else float32 rows of that shape."""
+    def schedule(self, ranges: list[tuple]) -> None:
+        """Append (read, start, nbytes, tensor, shape[, native]) ranges in the order they
+        will be taken; ``shape`` None hands over the raw bytes, else rows of that shape
+        (float32, or the file's float dtype when ``native``)."""
         with self._cv:
-            for read, start, nbytes, tensor, shape in ranges:
-                key = self._key(read, start, nbytes, shape is not None)
-                self._slots.append(_Slot(key, read, start, nbytes, tensor, shape))
+            for read, start, nbytes, tensor, shape, *rest in ranges:
+                native = bool(rest and rest[0])
+                key = self._key(read, start, nbytes, _form(shape, native))
+                self._slots.append(_Slot(key, read, start, nbytes, tensor, shape, native))
                 self._pending += nbytes
             self._cv.notify_all()
 
@@ -270,9 +284,9 @@ class ReadAhead:
         with self._cv:
             return self._pending
 
-    def take(self, read: Read, start: int, nbytes: int, decoded: bool) -> Any:
+    def take(self, read: Read, start: int, nbytes: int, form: str) -> Any:
         """The scheduled range's result (waiting for it if needed), or None."""
-        key = self._key(read, start, nbytes, decoded)
+        key = self._key(read, start, nbytes, form)
         with self._cv:
             pos = next((i for i, slot in enumerate(self._slots) if slot.key == key), None)
             if pos is None:
@@ -310,7 +324,8 @@ class ReadAhead:
                 self._held += slot.nbytes
             try:
                 result = self._reader.fetch(slot.read, slot.start, slot.nbytes, slot.tensor,
-                                            slot.shape, read_phase="read_ahead")
+                                            slot.shape, read_phase="read_ahead",
+                                            native=slot.native)
             except BaseException as exc:   # raised to whoever takes this range
                 result = exc
             with self._cv:

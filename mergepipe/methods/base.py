@@ -91,6 +91,9 @@ class MergeMethod:
     # a tensor-scope method that can still stream: stream(ctx, params, n_inputs)
     # returns a Streamer (see below) whose passes over row blocks give fn's bytes
     stream: Callable[[TensorContext, dict[str, Any], int], "Streamer"] | None = None
+    # inputs may arrive in the file's float dtype (bf16): the method's first step
+    # converts as it computes (``x - base`` in float32), which saves a pass per input
+    native_inputs: bool = False
 
 
 class Streamer(Protocol):
@@ -98,7 +101,8 @@ class Streamer(Protocol):
 
     Every pass sees every row block of the tensor, in row order. Inputs that
     :meth:`wanted` marks False for a statistics pass are passed as None (and
-    need not be read); the merge pass gets them all.
+    need not be read); the merge pass gets them all. An input that *is* the
+    base tensor has a zero delta in that block (unselected under a budget).
     """
 
     passes: int

@@ -4,14 +4,20 @@ TIES and breadcrumbs keep the entries whose magnitude rank falls in a window
 (the top ``k``; or ranks ``n_bot`` to ``n_bot + target`` from the bottom).
 Sorting the whole tensor needs it in memory; here two passes of 16-bit
 histograms over the float32 bit patterns (which order like the values when
-non-negative) find the boundary values exactly, and a third pass applies the
-window, so memory is a few histograms whatever the tensor size.
+non-negative) find the boundary values exactly, and the merge pass applies the
+window, so memory is a few histograms whatever the tensor size. A window that
+reaches the largest (or smallest) magnitude needs no boundary at that end, so
+TIES finds one value, breadcrumbs two.
 
 Ties at a boundary value are broken by flat index — the order of a *stable*
 sort: among equal magnitudes the earlier entry ranks first. mergekit uses
 torch's unstable ``argsort``, whose order among equal values is an accident of
 the sort algorithm, so outputs can differ only on entries whose magnitude
 equals a boundary value (never when magnitudes are distinct).
+
+The per-block work is integer arithmetic on the bit patterns (a comparison is
+a subtraction and a sign shift, a mask is a bitwise and): torch's boolean
+tensors cost several times more per element on CPU.
 """
 from __future__ import annotations
 
@@ -28,6 +34,26 @@ def magnitude_bits(x: torch.Tensor) -> torch.Tensor:
     return x.abs().reshape(-1).view(torch.int32)
 
 
+def at_least(bits: torch.Tensor, value: int) -> torch.Tensor:
+    """int32 mask of ``bits >= value``: all ones where true, 0 where false.
+
+    Bit patterns of magnitudes are non-negative, so ``value - 1 - bits`` cannot
+    overflow and its sign says the answer.
+    """
+    return torch.sub(value - 1, bits).bitwise_right_shift_(31)
+
+
+def at_most(bits: torch.Tensor, value: int) -> torch.Tensor:
+    """int32 mask of ``bits <= value`` (see :func:`at_least`)."""
+    return torch.sub(bits, value + 1).bitwise_right_shift_(31)
+
+
+def apply_mask(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``x`` (float32) with the entries outside an int32 mask set to +0.0, in place."""
+    x.view(torch.int32).reshape(-1).bitwise_and_(mask)
+    return x
+
+
 @dataclass
 class Boundary:
     """The value at one rank: its bit pattern and how many entries lie below / equal it."""
@@ -42,7 +68,8 @@ class RankSelect:
 
     Feed every block to :meth:`observe` in pass 0, call :meth:`end_pass`, feed
     them again in pass 1, call :meth:`end_pass`; then :attr:`boundaries`
-    holds one :class:`Boundary` per requested rank.
+    holds one :class:`Boundary` per requested rank. :meth:`observe_zeros`
+    stands for a block of zeros without computing on it.
     """
 
     def __init__(self, ranks: list[int]):
@@ -53,13 +80,21 @@ class RankSelect:
         self.boundaries: list[Boundary] = []
 
     def observe(self, pass_no: int, bits: torch.Tensor) -> None:
-        high = bits >> 16
+        if not self.ranks:
+            return
         if pass_no == 0:
-            self.hist += torch.bincount(high, minlength=HI_BINS)
+            self.hist += torch.bincount(bits >> 16, minlength=HI_BINS)
             return
         for b in self.bins:
-            sel = bits[high == b] & 0xFFFF
-            self.low[b] += torch.bincount(sel, minlength=LO_BINS)
+            # low 16 bits of the entries in bin b, the others clamped to two spare bins
+            low = torch.sub(bits, (b << 16) - 1).clamp_(0, LO_BINS + 1)
+            self.low[b] += torch.bincount(low, minlength=LO_BINS + 2)[1:LO_BINS + 1]
+
+    def observe_zeros(self, pass_no: int, n: int) -> None:
+        if pass_no == 0:
+            self.hist[0] += n
+        elif 0 in self.low:
+            self.low[0][0] += n
 
     def end_pass(self, pass_no: int) -> None:
         if pass_no == 0:
@@ -79,43 +114,107 @@ class RankSelect:
                                             int(low[lo])))
 
 
+@dataclass
+class _Cut:
+    """Which of the entries equal to a boundary value are kept: tie indices [t0, t1)."""
+
+    bits: int
+    t0: int
+    t1: int
+    equal: int
+    seen: int = 0
+
+    @property
+    def kind(self) -> str:
+        if self.t0 <= 0 and self.t1 >= self.equal:
+            return "all"
+        if self.t1 <= 0 or self.t0 >= self.equal:
+            return "none"
+        return "some"
+
+
 class RankWindow:
     """Marks, block by block in flat order, the entries whose stable rank is in [r0, r1).
 
     Ranks count from the smallest magnitude (``descending=False``) or the
-    largest; equal magnitudes rank by flat index. ``first``/``last`` are the
-    boundaries at ranks r0 and r1 − 1 in ascending terms (as :class:`RankSelect`
-    finds them); ``numel`` is the tensor's size.
+    largest; equal magnitudes rank by flat index. ``lo``/``hi`` are the
+    boundaries at the lowest and highest kept values (as :class:`RankSelect`
+    finds them at the ranks :func:`window_ranks` gives), None where the window
+    reaches that end; ``numel`` is the tensor's size.
     """
 
-    def __init__(self, r0: int, r1: int, first: Boundary, last: Boundary, numel: int,
+    def __init__(self, r0: int, r1: int, lo: Boundary | None, hi: Boundary | None, numel: int,
                  descending: bool):
-        self.r0, self.r1, self.descending = r0, r1, descending
-        lo, hi = (last, first) if descending else (first, last)   # by value
-        self.lo_bits, self.hi_bits = lo.bits, hi.bits
-        # for each boundary value: the window on the tie index t among its equals
-        self.ties: dict[int, tuple[int, int]] = {}
-        for bnd in (first, last):
-            start = numel - bnd.less - bnd.equal if descending else bnd.less
-            self.ties[bnd.bits] = (r0 - start, r1 - start)
-        self.seen = {bits: 0 for bits in self.ties}
+        self.cuts: dict[int, _Cut] = {}
+        for bnd in (lo, hi):
+            if bnd is not None:
+                start = numel - bnd.less - bnd.equal if descending else bnd.less
+                self.cuts[bnd.bits] = _Cut(bnd.bits, r0 - start, r1 - start, bnd.equal)
+        self.lo, self.hi = (self.cuts[b.bits] if b is not None else None for b in (lo, hi))
+
+    def keep(self, bits: torch.Tensor) -> torch.Tensor | None:
+        """int32 keep-mask (all ones / 0) of one flat block, or None for "keep all".
+
+        Blocks must come in order: the ties at a boundary are counted as they pass.
+        """
+        lo, hi = self.lo, self.hi
+        if lo is not None and lo is hi:   # one value: only (some of) its ties are kept
+            ge, le = at_least(bits, lo.bits), at_most(bits, lo.bits)
+            return self._ties(lo, ge.bitwise_and_(le), None)
+        mask = None
+        for cut, is_lo in ((lo, True), (hi, False)):
+            if cut is None:
+                continue
+            side = self._side(bits, cut, is_lo)
+            mask = side if mask is None else mask.bitwise_and_(side)
+        return mask
+
+    @staticmethod
+    def _bound(bits: torch.Tensor, value: int, is_lo: bool) -> torch.Tensor:
+        return at_least(bits, value) if is_lo else at_most(bits, value)
+
+    def _side(self, bits: torch.Tensor, cut: _Cut, is_lo: bool) -> torch.Tensor:
+        """Entries on the kept side of one boundary, with its kept ties."""
+        step = 1 if is_lo else -1
+        if cut.kind != "some":
+            return self._bound(bits, cut.bits if cut.kind == "all" else cut.bits + step, is_lo)
+        inclusive = self._bound(bits, cut.bits, is_lo)
+        strict = self._bound(bits, cut.bits + step, is_lo)
+        return self._ties(cut, inclusive.bitwise_xor(strict), strict, inclusive)
+
+    @staticmethod
+    def _ties(cut: _Cut, eq: torch.Tensor, strict: torch.Tensor | None,
+              inclusive: torch.Tensor | None = None) -> torch.Tensor:
+        """``strict`` plus the ties (``eq``: all ones where equal) whose index is in the cut."""
+        n = -int(eq.sum())
+        first, cut.seen = cut.seen, cut.seen + n
+        if n and cut.t0 <= first and first + n <= cut.t1:      # every tie here is kept
+            return inclusive if inclusive is not None else eq
+        if not n or cut.t1 <= first or first + n <= cut.t0:    # none is
+            return strict if strict is not None else torch.zeros_like(eq)
+        t = torch.cumsum(eq, 0, dtype=torch.int64).neg_().add_(first - 1)   # tie index
+        part = eq.bitwise_and_(((t >= cut.t0) & (t < cut.t1)).to(torch.int32).neg_())
+        return part if strict is None else part.bitwise_or_(strict)
+
+    def skip_zeros(self, n: int) -> None:
+        """A block of ``n`` zeros went by without :meth:`keep` (kept or not, zeros add nothing)."""
+        if 0 in self.cuts:
+            self.cuts[0].seen += n
+
+    def rewind(self) -> None:
+        """Start again from the first block (one more pass over the tensor)."""
+        for cut in self.cuts.values():
+            cut.seen = 0
 
     def mask(self, bits: torch.Tensor) -> torch.Tensor:
         """Boolean keep-mask of one flat block; blocks must come in order."""
-        keep = (bits > self.lo_bits) & (bits < self.hi_bits)
-        for value, (t0, t1) in self.ties.items():
-            eq = bits == value
-            n = int(eq.sum())
-            if not n:
-                continue
-            t = torch.cumsum(eq, 0, dtype=torch.int64) + (self.seen[value] - 1)
-            keep |= eq & (t >= t0) & (t < t1)
-            self.seen[value] += n
-        return keep
+        keep = self.keep(bits)
+        return torch.ones_like(bits, dtype=torch.bool) if keep is None else keep.bool()
 
 
-def window_ranks(numel: int, r0: int, r1: int, descending: bool) -> list[int]:
-    """The ascending ranks whose values bound a window of stable ranks [r0, r1)."""
-    if descending:
-        return [numel - 1 - r0, numel - r1]
-    return [r0, r1 - 1]
+def window_ranks(numel: int, r0: int, r1: int, descending: bool) -> tuple[int | None, int | None]:
+    """The ascending ranks of the lowest and highest kept values of the window of stable
+    ranks [r0, r1); None where the window reaches the smallest or largest value (ties there
+    are cut, if at all, at the other end's value)."""
+    lo, hi = (numel - r1, numel - 1 - r0) if descending else (r0, r1 - 1)
+    return (None if lo == 0 else lo), (None if hi == numel - 1 else hi)

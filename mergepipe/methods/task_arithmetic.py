@@ -25,7 +25,8 @@ import torch
 from mergepipe.errors import SpecError
 from mergepipe.methods.base import REQUIRED, MergeMethod, TensorContext, each, register
 from mergepipe.methods.reduce import StreamTotal
-from mergepipe.methods.select import RankSelect, RankWindow, magnitude_bits, window_ranks
+from mergepipe.methods.select import (RankSelect, RankWindow, apply_mask, magnitude_bits,
+                                      window_ranks)
 
 Sparsify = Literal["magnitude", "random", "magnitude_outliers", "della_magprune"] | None
 EPS = 1e-7
@@ -45,6 +46,10 @@ class _Sparsifier:
     def observe(self, pass_no: int, delta: torch.Tensor) -> None:
         pass
 
+    def observe_zeros(self, pass_no: int, like: torch.Tensor) -> None:
+        """A block where this input equals the base (its delta is zero)."""
+        self.observe(pass_no, torch.zeros_like(like))
+
     def end_pass(self, pass_no: int) -> None:
         pass
 
@@ -62,8 +67,14 @@ class _Sparsifier:
             self.scale = before / after
 
     def keep(self, delta: torch.Tensor) -> torch.Tensor:
+        """The sparsified delta (``delta`` itself may be overwritten)."""
         kept = delta * self.mask(delta)
         return kept if self.scale is None else kept * self.scale
+
+    def skip_zeros(self, like: torch.Tensor) -> bool:
+        """Account for a zero-delta block without merging it; False if it must be merged
+        (random masks draw for every entry, L1 totals sum every entry)."""
+        return False
 
 
 class _Dense(_Sparsifier):
@@ -71,6 +82,9 @@ class _Dense(_Sparsifier):
 
     def keep(self, delta: torch.Tensor) -> torch.Tensor:
         return delta
+
+    def skip_zeros(self, like: torch.Tensor) -> bool:
+        return True
 
 
 class _Ranked(_Sparsifier):
@@ -80,33 +94,49 @@ class _Ranked(_Sparsifier):
         super().__init__(numel, rescale)
         self.numel, self.r0, self.r1, self.descending = numel, r0, r1, descending
         self.empty = r1 <= r0
-        self.select = RankSelect(window_ranks(numel, r0, r1, descending))
+        self.ranks = window_ranks(numel, r0, r1, descending)
+        self.select = RankSelect([r for r in self.ranks if r is not None])
         self.window: RankWindow | None = None
         self.passes = 0 if self.empty else 2 + rescale
 
-    def _new_window(self) -> None:
-        first, last = self.select.boundaries
-        self.window = RankWindow(self.r0, self.r1, first, last, self.numel, self.descending)
-
     def observe(self, pass_no: int, delta: torch.Tensor) -> None:
-        bits = magnitude_bits(delta)
         if pass_no < 2:
-            self.select.observe(pass_no, bits)
+            self.select.observe(pass_no, magnitude_bits(delta))
         else:
-            self._totals(delta, delta * self.mask(delta))
+            self._totals(delta, self.keep_unscaled(delta.clone()))
+
+    def observe_zeros(self, pass_no: int, like: torch.Tensor) -> None:
+        if pass_no < 2:
+            self.select.observe_zeros(pass_no, like.numel())
+        else:
+            super().observe_zeros(pass_no, like)
 
     def end_pass(self, pass_no: int) -> None:
         if pass_no < 2:
             self.select.end_pass(pass_no)
         else:
             self._finish_totals()
-        if pass_no >= 1:
-            self._new_window()   # the window counts ties as it goes: one per pass
+        if pass_no == 1:
+            found = iter(self.select.boundaries)
+            lo, hi = (None if r is None else next(found) for r in self.ranks)
+            self.window = RankWindow(self.r0, self.r1, lo, hi, self.numel, self.descending)
+        elif pass_no > 1:
+            self.window.rewind()   # the window counts ties as it goes: again for the merge
 
-    def mask(self, delta: torch.Tensor) -> torch.Tensor:
+    def keep_unscaled(self, delta: torch.Tensor) -> torch.Tensor:
         if self.empty:
-            return torch.zeros_like(delta)
-        return self.window.mask(magnitude_bits(delta)).reshape(delta.shape).to(delta.dtype)
+            return delta.zero_()
+        mask = self.window.keep(magnitude_bits(delta))
+        return delta if mask is None else apply_mask(delta, mask)
+
+    def keep(self, delta: torch.Tensor) -> torch.Tensor:
+        kept = self.keep_unscaled(delta)
+        return kept if self.scale is None else kept.mul_(self.scale)
+
+    def skip_zeros(self, like: torch.Tensor) -> bool:
+        if self.window is not None:
+            self.window.skip_zeros(like.numel())
+        return True
 
 
 class _Random(_Sparsifier):
@@ -186,8 +216,14 @@ class FamilyStream:
         return [pass_no < s.passes for s in self.inputs]
 
     def observe(self, pass_no: int, base: torch.Tensor, tensors: list[torch.Tensor | None]) -> None:
-        jobs = [(s, x) for s, x in zip(self.inputs, tensors) if pass_no < s.passes]
-        each(lambda job: job[0].observe(pass_no, job[1] - base), jobs)
+        """One row block of a statistics pass; an input that *is* ``base`` has a zero delta."""
+        def one(job: tuple[_Sparsifier, torch.Tensor]) -> None:
+            s, x = job
+            if x is base:
+                s.observe_zeros(pass_no, base)
+            else:
+                s.observe(pass_no, torch.sub(x, base))
+        each(one, [(s, x) for s, x in zip(self.inputs, tensors) if pass_no < s.passes])
 
     def end_pass(self, pass_no: int) -> None:
         for s in self.inputs:
@@ -195,29 +231,38 @@ class FamilyStream:
                 s.end_pass(pass_no)
 
     def merge(self, base: torch.Tensor, tensors: list[torch.Tensor]) -> torch.Tensor:
-        if not tensors:
-            return base.clone()
+        """One row block of the merge, as mergekit's whole-tensor arithmetic.
+
+        Inputs that are ``base`` itself (unselected under a budget) add a zero
+        delta: left out of the sums, which zeros do not change.
+        """
         params = self.params
         weights = [float(w) for w in params["weight"]]
-        deltas = torch.empty((len(tensors), *base.shape), dtype=base.dtype, device=base.device)
+        live = [k for k, x in enumerate(tensors)
+                if x is not base or not self.inputs[k].skip_zeros(base)]
+        if not live:
+            return base.clone()
+        deltas = torch.empty((len(live), *base.shape), dtype=base.dtype, device=base.device)
 
-        def one(k: int) -> None:   # one input's temporaries per thread at a time
-            delta = torch.sub(tensors[k], base, out=deltas[k])
+        def one(j: int) -> None:   # one input's temporaries per thread at a time
+            k = live[j]
+            delta = torch.sub(tensors[k], base, out=deltas[j])
             if self.family.sparsify is not None:
-                deltas[k] = self.inputs[k].keep(delta)
-        each(one, range(len(tensors)))
-        w = torch.tensor(weights, dtype=base.dtype, device=base.device)
-        w = w.reshape(-1, *([1] * base.dim()))
-        deltas.mul_(w)
+                kept = self.inputs[k].keep(delta)
+                if kept is not delta:
+                    delta.copy_(kept)
+            delta.mul_(weights[k])
+        each(one, range(len(live)))
+        w = torch.tensor([weights[k] for k in live], dtype=base.dtype, device=base.device)
         if self.family.consensus:
-            majority = (deltas.sum(dim=0) >= 0).to(base.dtype) * 2 - 1
-            mask = deltas.sign() == majority
-            divisor = (w * mask).sum(dim=0)
-            divisor[divisor == 0] = 1
-            mixed = deltas.mul_(mask).sum(dim=0)  # in place: deltas are not needed again
+            mixed, divisor = _consensus(deltas.reshape(len(live), -1), w.reshape(-1, 1),
+                                        bool(params["normalize"]))
+            mixed = mixed.reshape(base.shape)
+            divisor = divisor.reshape(base.shape) if divisor is not None else None
         else:
             mixed = deltas.sum(dim=0)
-            total_w = float(w.sum())
+            # every input's weight (float32, as mergekit sums them), skipped ones too
+            total_w = float(torch.tensor(weights, dtype=base.dtype).sum())
             divisor = torch.tensor(total_w if abs(total_w) >= 1e-8 else 1.0, dtype=base.dtype,
                                    device=base.device)
         if params["normalize"]:
@@ -226,6 +271,40 @@ class FamilyStream:
         if lam != 1:
             mixed = mixed * lam
         return base + mixed
+
+
+CONSENSUS_COLUMNS = 1 << 14   # columns of the [inputs, n] deltas per step: they stay in cache
+
+
+def _consensus(deltas: torch.Tensor, w: torch.Tensor,
+               normalize: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """TIES' sign election over flat weighted deltas [inputs, n], as mergekit computes it:
+    the sum of the entries agreeing with the majority sign and (to normalise by) the
+    sum of their weights, 1 where none agrees.
+
+    Column steps keep the working set in the CPU cache; every column is computed
+    alone, so the bits do not depend on the step.
+    """
+    n = deltas.shape[1]
+    mixed = torch.empty(n, dtype=deltas.dtype, device=deltas.device)
+    divisor = torch.empty_like(mixed) if normalize else None
+    ones = torch.ones(min(n, CONSENSUS_COLUMNS), dtype=deltas.dtype, device=deltas.device)
+    for a in range(0, n, CONSENSUS_COLUMNS):
+        d = deltas[:, a:a + CONSENSUS_COLUMNS]
+        # +1 where the sum is >= 0, else -1 (a sum of -0.0 has only zero terms,
+        # which agree with neither sign)
+        majority = ones[:d.shape[1]].copysign(d.sum(dim=0))
+        # 1 where an entry's sign is the majority's, else 0 (zeros never agree)
+        agree = d.sign().mul_(majority).clamp_min_(0)
+        if divisor is not None:
+            torch.sum(w * agree, dim=0, out=divisor[a:a + CONSENSUS_COLUMNS])
+        torch.sum(agree.mul_(d), dim=0, out=mixed[a:a + CONSENSUS_COLUMNS])
+    if divisor is not None:
+        if bool((w > 0).all()):   # sums of positive weights: 0 only where none agrees
+            divisor.clamp_min_(float(w.min()))   # (and mixed is 0 there: 0 either way)
+        else:
+            divisor[divisor == 0] = 1
+    return mixed, divisor
 
 
 @dataclass(frozen=True)
@@ -294,6 +373,7 @@ def _family(name: str, sparsify: Sparsify, consensus: bool, normalize: bool, res
         base="required",
         scope="block" if sparsify is None and not consensus else "tensor",
         stochastic=sparsify in ("random", "della_magprune"),
+        native_inputs=True,
         bound_kind="exact" if linear_in_delta else "estimate",
         zero_weight_skips=True,
         description=description,
