@@ -146,6 +146,7 @@ def _to_bytes(t: torch.Tensor, code: str) -> memoryview:
 
 
 READ_AHEAD_BLOCKS = 8           # bytes read and waiting for the merge thread, in blocks
+STREAM_CACHE_BYTES = 256 << 20  # a streamed tensor's inputs up to this size are read once
 SCHEDULE_BYTES = 256 << 20      # announced to the kernel (fadvise) and the read-ahead thread
 
 
@@ -179,7 +180,17 @@ def _input_ranges(task: TensorTask, i: int, a: int, b: int, native: bool) -> lis
     return [_rows_range(r, task, a, b, native)]
 
 
-def task_ranges(task: TensorTask, plan: Plan, block_bytes: int) -> list[Range]:
+def _cached(task: TensorTask, native: bool, cache_bytes: int) -> bool:
+    """Whether a streamed tensor's blocks (base in float32, inputs as read) fit in
+    ``cache_bytes``: then they are read once and kept for every pass, else each
+    statistics pass reads them again (from the page cache when it holds them)."""
+    per_input = [0 if r.alias_base else r.nbytes if native else 4 * task.numel
+                 for r in task.inputs]
+    return 4 * task.numel + sum(per_input) <= cache_bytes
+
+
+def task_ranges(task: TensorTask, plan: Plan, block_bytes: int,
+                cache_bytes: int = STREAM_CACHE_BYTES) -> list[Range]:
     """The byte ranges :func:`merge_task` reads for ``task``, in its order."""
     if task.scope == "copy":
         src = task.base or task.inputs[0]
@@ -197,7 +208,8 @@ def task_ranges(task: TensorTask, plan: Plan, block_bytes: int) -> list[Range]:
     if _streams(method, task):   # statistics passes over the wanted inputs, then the merge
         chunks = list(_chunks(task, block_bytes, streamed=True))
         stream = method.stream(_context(task, plan), task.params, len(task.inputs))
-        for p in range(stream.passes):
+        passes = 0 if _cached(task, native, cache_bytes) else stream.passes
+        for p in range(passes):
             idx = [i for i, w in enumerate(stream.wanted(p)) if w]
             for a, b in chunks:
                 block(a, b, idx)
@@ -215,8 +227,9 @@ class ReadScheduler:
     being merged: to the kernel (``fadvise``) and to the reader's read-ahead thread."""
 
     def __init__(self, tasks: list[TensorTask], plan: Plan, reader: BlockReader,
-                 block_bytes: int):
+                 block_bytes: int, cache_bytes: int = STREAM_CACHE_BYTES):
         self.tasks, self.plan, self.reader, self.block_bytes = tasks, plan, reader, block_bytes
+        self.cache_bytes = cache_bytes
         self.next = 0
 
     def advance(self, current: int) -> None:
@@ -230,7 +243,7 @@ class ReadScheduler:
             for r in reads:
                 self.reader.prefetch(r, task.shape)
             if ahead is not None:
-                ahead.schedule(task_ranges(task, self.plan, self.block_bytes))
+                ahead.schedule(task_ranges(task, self.plan, self.block_bytes, self.cache_bytes))
             self.next += 1
 
 
@@ -271,7 +284,8 @@ def _read_inputs(task: TensorTask, idx: list[int], reader: BlockReader, base: to
 
 
 def merge_task(task: TensorTask, plan: Plan, reader: BlockReader, writer: ShardWriter,
-               device: str, block_bytes: int, phases: Phases | None = None) -> None:
+               device: str, block_bytes: int, phases: Phases | None = None,
+               cache_bytes: int = STREAM_CACHE_BYTES) -> None:
     """Merge one output tensor and hand its bytes to ``writer`` (a shard writer,
     or any object with ``write(name, data)``, as the search's in-memory merge)."""
     phases = phases or Phases()
@@ -281,7 +295,8 @@ def merge_task(task: TensorTask, plan: Plan, reader: BlockReader, writer: ShardW
         return
     method = get_method(plan.method)
     if _streams(method, task):
-        _stream_task(task, plan, method, reader, writer, device, block_bytes, phases)
+        _stream_task(task, plan, method, reader, writer, device, block_bytes, phases,
+                     cache_bytes)
         return
     # inputs equal to the base in a block (unselected in budget mode, or aliases)
     # may be left out of that block when the method adds deltas to the base
@@ -311,35 +326,45 @@ def merge_task(task: TensorTask, plan: Plan, reader: BlockReader, writer: ShardW
 
 
 def _stream_task(task: TensorTask, plan: Plan, method: Any, reader: BlockReader,
-                 writer: ShardWriter, device: str, block_bytes: int, phases: Phases) -> None:
+                 writer: ShardWriter, device: str, block_bytes: int, phases: Phases,
+                 cache_bytes: int) -> None:
     """Statistics passes over row blocks, then the merge pass; bytes as ``method.fn``.
 
-    The statistics passes read inputs again (from the page cache when it holds
-    them); those bytes are counted apart, so ``bytes_read`` still counts each
-    planned byte once.
+    A tensor whose blocks fit in ``cache_bytes`` is read once and kept in memory
+    for all passes. A larger one is read again by each statistics pass (from
+    the page cache when it holds them); those bytes are counted apart, so
+    ``bytes_read`` still counts each planned byte once.
     """
     stream = method.stream(_context(task, plan), task.params, len(task.inputs))
     chunks = list(_chunks(task, block_bytes, streamed=True))
     native = _native(method, task)
+    everyone = list(range(len(task.inputs)))
+
+    def read(a: int, b: int, idx: list[int]) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        base = reader.rows(task.base, task.shape, a, b, task.name, device)
+        return base, dict(zip(idx, _read_inputs(task, idx, reader, base, a, b, device, native)))
+
+    kept = [read(a, b, everyone) for a, b in chunks] \
+        if stream.passes and _cached(task, native, cache_bytes) else None
     counted = list(reader.bytes_read)
     for p in range(stream.passes):
         idx = [i for i, w in enumerate(stream.wanted(p)) if w]
-        for a, b in chunks:
-            base = reader.rows(task.base, task.shape, a, b, task.name, device)
-            got = dict(zip(idx, _read_inputs(task, idx, reader, base, a, b, device, native)))
+        for c, (a, b) in enumerate(chunks):
+            base, got = kept[c] if kept is not None else read(a, b, idx)
             with phases.time("stats"):
-                stream.observe(p, base, [got.get(i) for i in range(len(task.inputs))])
+                stream.observe(p, base, [got[i] if i in idx else None for i in everyone])
         with phases.time("stats"):
             stream.end_pass(p)
     reread = sum(reader.bytes_read) - sum(counted)
     reader.bytes_read[:] = counted
     phases.counts["reread_bytes"] = phases.counts.get("reread_bytes", 0) + reread
-    everyone = list(range(len(task.inputs)))
-    for a, b in chunks:
-        base = reader.rows(task.base, task.shape, a, b, task.name, device)
-        inputs = _read_inputs(task, everyone, reader, base, a, b, device, native)
+    for c, (a, b) in enumerate(chunks):
+        if kept is not None:
+            (base, got), kept[c] = kept[c], None   # free each block once merged
+        else:
+            base, got = read(a, b, everyone)
         with phases.time("math"):
-            out = stream.merge(base, inputs)
+            out = stream.merge(base, [got[i] for i in everyone])
         with phases.time("encode"):
             data = _to_bytes(out, task.out_dtype)
         writer.write(task.name, data)
@@ -382,23 +407,27 @@ def default_threads() -> int:
 
 def execute_plan(plan: Plan, out_dir: str | Path, device: str = "cpu",
                  block_bytes: int = DEFAULT_BLOCK_BYTES, allow_nonfinite: bool = False,
-                 progress: bool = False, threads: int | None = None) -> ExecReport:
+                 progress: bool = False, threads: int | None = None,
+                 cache_bytes: int = STREAM_CACHE_BYTES) -> ExecReport:
     """Write the merged checkpoint into ``out_dir`` (an empty staging directory).
 
     ``threads`` sets torch's thread count for this call only (restored after);
     None takes one per core this process may use, less the one the read-ahead
-    thread keeps busy reading, hashing and decoding. Outputs do not depend on it.
+    thread keeps busy reading, hashing and decoding. ``cache_bytes``: streamed
+    tensors up to this size are read once for all their passes. Outputs depend
+    on neither.
     """
     previous = torch.get_num_threads()
     torch.set_num_threads(threads if threads is not None else default_threads())
     try:
-        return _execute(plan, Path(out_dir), device, block_bytes, allow_nonfinite, progress)
+        return _execute(plan, Path(out_dir), device, block_bytes, allow_nonfinite, progress,
+                        cache_bytes)
     finally:
         torch.set_num_threads(previous)
 
 
 def _execute(plan: Plan, out_dir: Path, device: str, block_bytes: int, allow_nonfinite: bool,
-             progress: bool) -> ExecReport:
+             progress: bool, cache_bytes: int) -> ExecReport:
     t0 = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
     phases = Phases()
@@ -416,10 +445,11 @@ def _execute(plan: Plan, out_dir: Path, device: str, block_bytes: int, allow_non
             writer = ShardWriter(out_dir / fname, [(t.name, t.out_dtype, t.shape) for t in tasks],
                                  phases=phases)
             try:
-                schedule = ReadScheduler(tasks, plan, reader, block_bytes)
+                schedule = ReadScheduler(tasks, plan, reader, block_bytes, cache_bytes)
                 for i, task in enumerate(tasks):
                     schedule.advance(i)
-                    merge_task(task, plan, reader, writer, device, block_bytes, phases)
+                    merge_task(task, plan, reader, writer, device, block_bytes, phases,
+                               cache_bytes)
                     bar.update(1)
                     if i == len(tasks) // 2:
                         crash_point("mid_write")
