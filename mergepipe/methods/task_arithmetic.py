@@ -253,58 +253,54 @@ class FamilyStream:
                     delta.copy_(kept)
             delta.mul_(weights[k])
         each(one, range(len(live)))
-        w = torch.tensor([weights[k] for k in live], dtype=base.dtype, device=base.device)
-        if self.family.consensus:
-            mixed, divisor = _consensus(deltas.reshape(len(live), -1), w.reshape(-1, 1),
-                                        bool(params["normalize"]))
-            mixed = mixed.reshape(base.shape)
-            divisor = divisor.reshape(base.shape) if divisor is not None else None
-        else:
-            mixed = deltas.sum(dim=0)
-            # every input's weight (float32, as mergekit sums them), skipped ones too
-            total_w = float(torch.tensor(weights, dtype=base.dtype).sum())
-            divisor = torch.tensor(total_w if abs(total_w) >= 1e-8 else 1.0, dtype=base.dtype,
-                                   device=base.device)
-        if params["normalize"]:
-            mixed = mixed / divisor
-        lam = float(params["lambda"])
-        if lam != 1:
-            mixed = mixed * lam
-        return base + mixed
+        w = torch.tensor([weights[k] for k in live], dtype=base.dtype,
+                         device=base.device).reshape(-1, 1)
+        flat, base_flat = deltas.reshape(len(live), -1), base.reshape(-1)
+        merged = torch.empty_like(base_flat)
+        normalize, lam = bool(params["normalize"]), float(params["lambda"])
+        # every input's weight (float32, as mergekit sums them), skipped ones too
+        total_w = float(torch.tensor(weights, dtype=base.dtype).sum())
+        total_w = total_w if abs(total_w) >= 1e-8 else 1.0
+
+        def step(a: int) -> None:   # the columns [a, a + STEP_COLUMNS), alone
+            cols = slice(a, a + STEP_COLUMNS)
+            if self.family.consensus:
+                mixed, divisor = _consensus(flat[:, cols], w, normalize)
+            else:
+                mixed, divisor = flat[:, cols].sum(dim=0), total_w
+            if normalize:
+                mixed /= divisor
+            if lam != 1:
+                mixed *= lam
+            torch.add(base_flat[cols], mixed, out=merged[cols])
+        each(step, range(0, base_flat.numel(), STEP_COLUMNS))
+        return merged.reshape(base.shape)
 
 
-CONSENSUS_COLUMNS = 1 << 14   # columns of the [inputs, n] deltas per step: they stay in cache
+# columns of the [inputs, n] deltas merged per step: they stay in the CPU cache, and
+# the steps of a block spread over the cores (each column is computed alone, so the
+# bits do not depend on the step)
+STEP_COLUMNS = 1 << 16
 
 
-def _consensus(deltas: torch.Tensor, w: torch.Tensor,
-               normalize: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """TIES' sign election over flat weighted deltas [inputs, n], as mergekit computes it:
+def _consensus(d: torch.Tensor, w: torch.Tensor,
+               normalize: bool) -> tuple[torch.Tensor, torch.Tensor | float]:
+    """TIES' sign election over weighted deltas [inputs, columns], as mergekit computes it:
     the sum of the entries agreeing with the majority sign and (to normalise by) the
-    sum of their weights, 1 where none agrees.
-
-    Column steps keep the working set in the CPU cache; every column is computed
-    alone, so the bits do not depend on the step.
-    """
-    n = deltas.shape[1]
-    mixed = torch.empty(n, dtype=deltas.dtype, device=deltas.device)
-    divisor = torch.empty_like(mixed) if normalize else None
-    ones = torch.ones(min(n, CONSENSUS_COLUMNS), dtype=deltas.dtype, device=deltas.device)
-    for a in range(0, n, CONSENSUS_COLUMNS):
-        d = deltas[:, a:a + CONSENSUS_COLUMNS]
-        # +1 where the sum is >= 0, else -1 (a sum of -0.0 has only zero terms,
-        # which agree with neither sign)
-        majority = ones[:d.shape[1]].copysign(d.sum(dim=0))
-        # 1 where an entry's sign is the majority's, else 0 (zeros never agree)
-        agree = d.sign().mul_(majority).clamp_min_(0)
-        if divisor is not None:
-            torch.sum(w * agree, dim=0, out=divisor[a:a + CONSENSUS_COLUMNS])
-        torch.sum(agree.mul_(d), dim=0, out=mixed[a:a + CONSENSUS_COLUMNS])
-    if divisor is not None:
+    sum of their weights, 1 where none agrees."""
+    # +1 where the sum is >= 0, else -1 (a sum of -0.0 has only zero terms, which
+    # agree with neither sign)
+    majority = torch.ones(d.shape[1], dtype=d.dtype, device=d.device).copysign_(d.sum(dim=0))
+    # 1 where an entry's sign is the majority's, else 0 (zeros never agree)
+    agree = d.sign().mul_(majority).clamp_min_(0)
+    divisor: torch.Tensor | float = 1.0
+    if normalize:
+        divisor = (w * agree).sum(dim=0)
         if bool((w > 0).all()):   # sums of positive weights: 0 only where none agrees
-            divisor.clamp_min_(float(w.min()))   # (and mixed is 0 there: 0 either way)
+            divisor.clamp_min_(float(w.min()))   # (and the sum is 0 there: 0 either way)
         else:
             divisor[divisor == 0] = 1
-    return mixed, divisor
+    return agree.mul_(d).sum(dim=0), divisor
 
 
 @dataclass(frozen=True)
