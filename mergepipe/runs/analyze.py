@@ -42,16 +42,6 @@ class AnalyzeReport:
 
 def block_ranges(shape: tuple[int, ...], nbytes: int, block_bytes: int) -> list[tuple[int, int]]:
     """Row ranges [a, b) of about ``block_bytes`` each (at least one row per block)."""
-    rows = shape[0] if shape else 1
-    if rows == 0:
-        return []
-    row_bytes = max(1, nbytes // rows)
-    step = max(1, block_bytes // row_bytes)
-    return [(a, min(rows, a + step)) for a in range(0, rows, step)]
-
-
-def block_ranges(shape: tuple[int, ...], nbytes: int, block_bytes: int) -> list[tuple[int, int]]:
-    """Row ranges [a, b) of about ``block_bytes`` each (at least one row per block)."""
     rows, row_bytes = row_split(shape, nbytes)
     if rows == 0:
         return []
