@@ -185,3 +185,21 @@ def test_a_budget_without_a_unit_is_refused_naming_the_accepted_forms(cli, famil
     assert cli.snapshot() == before
     res = cli("plan", spec, "--io-budget", "1500000000B", "--json")
     assert json.loads(res.stdout)["io_budget"] == 1500000000
+
+
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs_ties", "dare_ties"])
+def test_unselected_blocks_skipped_or_computed_as_zeros_give_the_same_bytes(
+        ws, tiny_family, tmp_path, method):
+    """In small row blocks an unselected block is the base itself and the method skips
+    it; as one block per tensor, the same rows are zeros computed like any others."""
+    spec = _spec(tiny_family, method, [0.5, 0.3, 0.9])
+    for m in spec["models"]:
+        m["parameters"]["density"] = 0.4
+    if method == "breadcrumbs_ties":
+        spec["parameters"] = {"gamma": 0.05}
+    plan = api.build_plan(ws, spec, io_budget="30%", store=False)
+    rows = api.execute_plan(plan, tmp_path / "rows", block_bytes=SMALL_BLOCKS, cache_bytes=0)
+    whole = api.execute_plan(plan, tmp_path / "whole", block_bytes=1 << 30)
+    assert rows.bytes_read == whole.bytes_read
+    assert (tmp_path / "rows" / "model.safetensors").read_bytes() == \
+        (tmp_path / "whole" / "model.safetensors").read_bytes()

@@ -7,7 +7,9 @@ bytes the one-block (whole-tensor) computation writes.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import itertools
 from pathlib import Path
 
 import pytest
@@ -25,8 +27,9 @@ def _pieces(n: int, g: torch.Generator) -> list[tuple[int, int]]:
 
 
 def _window_mask(x: torch.Tensor, r0: int, r1: int, descending: bool,
-                 pieces: list[tuple[int, int]]) -> torch.Tensor:
-    """The streaming selection, fed piece by piece as the engine feeds row blocks."""
+                 pieces: list[tuple[int, int]], counted: bool = True) -> torch.Tensor:
+    """The streaming selection, fed piece by piece as the engine feeds row blocks
+    (``counted``: the window knows each block's ties from the statistics)."""
     ranks = window_ranks(x.numel(), r0, r1, descending)
     select = RankSelect([r for r in ranks if r is not None])
     for p in range(2):
@@ -35,6 +38,8 @@ def _window_mask(x: torch.Tensor, r0: int, r1: int, descending: bool,
         select.end_pass(p)
     found = iter(select.boundaries)
     lo, hi = (None if r is None else next(found) for r in ranks)
+    if not counted:
+        lo, hi = (b if b is None else dataclasses.replace(b, per_block=None) for b in (lo, hi))
     window = RankWindow(r0, r1, lo, hi, x.numel(), descending)
     return torch.cat([window.mask(magnitude_bits(x[a:b])) for a, b in pieces])
 
@@ -56,10 +61,10 @@ def test_rank_window_keeps_what_a_stable_sort_keeps(n):
     windows = {(0, 1), (0, n), (0, max(1, n // 3)), (n // 5, n // 2), (n - 1, n),
                (n // 2, n // 2 + 1)}
     for r0, r1 in [(r0, r1) for r0, r1 in windows if r0 < r1]:   # empty ones never select
-        for descending in (True, False):
-            got = _window_mask(x, r0, r1, descending, _pieces(n, g))
+        for descending, counted in itertools.product((True, False), (True, False)):
+            got = _window_mask(x, r0, r1, descending, _pieces(n, g), counted)
             want = _stable_mask(x, r0, r1, descending)
-            assert torch.equal(got, want), (n, r0, r1, descending)
+            assert torch.equal(got, want), (n, r0, r1, descending, counted)
             assert int(got.sum()) == r1 - r0
 
 

@@ -61,6 +61,7 @@ class Boundary:
     bits: int
     less: int
     equal: int
+    per_block: list[int] | None = None   # entries equal to it in each block, in order
 
 
 class RankSelect:
@@ -68,8 +69,9 @@ class RankSelect:
 
     Feed every block to :meth:`observe` in pass 0, call :meth:`end_pass`, feed
     them again in pass 1, call :meth:`end_pass`; then :attr:`boundaries`
-    holds one :class:`Boundary` per requested rank. :meth:`observe_zeros`
-    stands for a block of zeros without computing on it.
+    holds one :class:`Boundary` per requested rank, with its count in each
+    block (so the merge pass knows which block cuts its ties without counting).
+    :meth:`observe_zeros` stands for a block of zeros without computing on it.
     """
 
     def __init__(self, ranks: list[int]):
@@ -77,6 +79,8 @@ class RankSelect:
         self.hist = torch.zeros(HI_BINS, dtype=torch.int64)
         self.bins: dict[int, int] = {}                 # high bin -> count below it
         self.low: dict[int, torch.Tensor] = {}
+        # per high bin, per block of pass 1: the low values present and their counts
+        self.blocks: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self.boundaries: list[Boundary] = []
 
     def observe(self, pass_no: int, bits: torch.Tensor) -> None:
@@ -88,13 +92,19 @@ class RankSelect:
         for b in self.bins:
             # low 16 bits of the entries in bin b, the others clamped to two spare bins
             low = torch.sub(bits, (b << 16) - 1).clamp_(0, LO_BINS + 1)
-            self.low[b] += torch.bincount(low, minlength=LO_BINS + 2)[1:LO_BINS + 1]
+            counts = torch.bincount(low, minlength=LO_BINS + 2)[1:LO_BINS + 1]
+            self.low[b] += counts
+            present = counts.nonzero().squeeze(1)
+            self.blocks[b].append((present, counts[present]))
 
     def observe_zeros(self, pass_no: int, n: int) -> None:
         if pass_no == 0:
             self.hist[0] += n
-        elif 0 in self.low:
-            self.low[0][0] += n
+            return
+        for b in self.bins:
+            zeros = torch.tensor([0]), torch.tensor([n if b == 0 else 0])
+            self.blocks[b].append(zeros)
+            self.low[b][0] += zeros[1][0]
 
     def end_pass(self, pass_no: int) -> None:
         if pass_no == 0:
@@ -103,6 +113,7 @@ class RankSelect:
                 b = int(torch.searchsorted(cum, torch.tensor([r]), right=True)[0])
                 self.bins[b] = int(cum[b] - self.hist[b])
                 self.low[b] = torch.zeros(LO_BINS, dtype=torch.int64)
+                self.blocks[b] = []
             return
         for r in self.ranks:
             b = next(b for b, below in self.bins.items()
@@ -110,8 +121,10 @@ class RankSelect:
             low = self.low[b]
             cum = torch.cumsum(low, 0)
             lo = int(torch.searchsorted(cum, torch.tensor([r - self.bins[b]]), right=True)[0])
+            per_block = [int(c[v == lo].sum()) for v, c in self.blocks[b]]
             self.boundaries.append(Boundary((b << 16) | lo, self.bins[b] + int(cum[lo] - low[lo]),
-                                            int(low[lo])))
+                                            int(low[lo]), per_block))
+        self.blocks.clear()
 
 
 @dataclass
@@ -122,7 +135,16 @@ class _Cut:
     t0: int
     t1: int
     equal: int
+    per_block: list[int] | None = None   # ties in each block, when the statistics know
     seen: int = 0
+    block: int = 0
+
+    def next_block(self) -> int | None:
+        """This block's tie count when known (and on to the next block), else None."""
+        self.block += 1
+        if self.per_block is None or self.block > len(self.per_block):
+            return None   # counted in the block instead
+        return self.per_block[self.block - 1]
 
     @property
     def kind(self) -> str:
@@ -149,7 +171,8 @@ class RankWindow:
         for bnd in (lo, hi):
             if bnd is not None:
                 start = numel - bnd.less - bnd.equal if descending else bnd.less
-                self.cuts[bnd.bits] = _Cut(bnd.bits, r0 - start, r1 - start, bnd.equal)
+                self.cuts[bnd.bits] = _Cut(bnd.bits, r0 - start, r1 - start, bnd.equal,
+                                           bnd.per_block)
         self.lo, self.hi = (self.cuts[b.bits] if b is not None else None for b in (lo, hi))
 
     def keep(self, bits: torch.Tensor) -> torch.Tensor | None:
@@ -159,8 +182,11 @@ class RankWindow:
         """
         lo, hi = self.lo, self.hi
         if lo is not None and lo is hi:   # one value: only (some of) its ties are kept
+            n = lo.next_block()
+            if n == 0:
+                return torch.zeros_like(bits)
             ge, le = at_least(bits, lo.bits), at_most(bits, lo.bits)
-            return self._ties(lo, ge.bitwise_and_(le), None)
+            return self._ties(lo, ge.bitwise_and_(le), None, n=n)
         mask = None
         for cut, is_lo in ((lo, True), (hi, False)):
             if cut is None:
@@ -176,17 +202,27 @@ class RankWindow:
     def _side(self, bits: torch.Tensor, cut: _Cut, is_lo: bool) -> torch.Tensor:
         """Entries on the kept side of one boundary, with its kept ties."""
         step = 1 if is_lo else -1
-        if cut.kind != "some":
-            return self._bound(bits, cut.bits if cut.kind == "all" else cut.bits + step, is_lo)
+        n = cut.next_block()
+        kind = cut.kind
+        if kind == "some" and n is not None:   # known count: most blocks keep all or none
+            first = cut.seen
+            if not n or cut.t1 <= first or first + n <= cut.t0:
+                kind = "none"
+            elif cut.t0 <= first and first + n <= cut.t1:
+                kind = "all"
+            if kind != "some":
+                cut.seen += n
+        if kind != "some":
+            return self._bound(bits, cut.bits if kind == "all" else cut.bits + step, is_lo)
         inclusive = self._bound(bits, cut.bits, is_lo)
         strict = self._bound(bits, cut.bits + step, is_lo)
-        return self._ties(cut, inclusive.bitwise_xor(strict), strict, inclusive)
+        return self._ties(cut, inclusive.bitwise_xor(strict), strict, inclusive, n)
 
     @staticmethod
     def _ties(cut: _Cut, eq: torch.Tensor, strict: torch.Tensor | None,
-              inclusive: torch.Tensor | None = None) -> torch.Tensor:
+              inclusive: torch.Tensor | None = None, n: int | None = None) -> torch.Tensor:
         """``strict`` plus the ties (``eq``: all ones where equal) whose index is in the cut."""
-        n = -int(eq.sum())
+        n = -int(eq.sum()) if n is None else n
         first, cut.seen = cut.seen, cut.seen + n
         if n and cut.t0 <= first and first + n <= cut.t1:      # every tie here is kept
             return inclusive if inclusive is not None else eq
@@ -198,13 +234,15 @@ class RankWindow:
 
     def skip_zeros(self, n: int) -> None:
         """A block of ``n`` zeros went by without :meth:`keep` (kept or not, zeros add nothing)."""
-        if 0 in self.cuts:
-            self.cuts[0].seen += n
+        for cut in self.cuts.values():
+            ties = cut.next_block()
+            if cut.bits == 0:
+                cut.seen += n if ties is None else ties
 
     def rewind(self) -> None:
         """Start again from the first block (one more pass over the tensor)."""
         for cut in self.cuts.values():
-            cut.seen = 0
+            cut.seen = cut.block = 0
 
     def mask(self, bits: torch.Tensor) -> torch.Tensor:
         """Boolean keep-mask of one flat block; blocks must come in order."""
