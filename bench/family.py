@@ -138,6 +138,7 @@ def _write_streamed(path: Path, cfg, tensors, shard_bytes: int = 2 << 30) -> Non
     total = sum((path / f).stat().st_size for f in set(weight_map.values()))
     (path / "model.safetensors.index.json").write_text(json.dumps(
         {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    cfg.architectures = ["LlamaForCausalLM"]   # as a model's save_pretrained records it
     cfg.save_pretrained(path)
     (path / ".complete").write_text("ok\n")
 

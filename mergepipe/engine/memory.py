@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from mergepipe.engine.execute import (DEFAULT_BLOCK_BYTES, READ_AHEAD_BLOCKS, ReadScheduler,
-                                      merge_task)
+                                      default_threads, merge_task)
 from mergepipe.engine.reader import BlockReader
 from mergepipe.errors import MergePipeError
 from mergepipe.planner.plan import Plan
@@ -35,16 +35,24 @@ class _MemoryWriter:
 
 def merge_in_memory(plan: Plan, device: str = "cpu",
                     block_bytes: int = DEFAULT_BLOCK_BYTES) -> dict[str, torch.Tensor]:
-    """Every output tensor of ``plan``, in its output dtype, byte-equal to `apply`'s."""
+    """Every output tensor of ``plan``, in its output dtype, byte-equal to `apply`'s.
+
+    torch runs with `apply`'s thread count for the call (restored after): an
+    evaluator's engine may have left it at one thread, or at every core, where
+    the per-input threads of the merge would then run one at a time.
+    """
     reader = BlockReader(plan.sources)
     reader.start_read_ahead(READ_AHEAD_BLOCKS * block_bytes)
     schedule = ReadScheduler(plan.tasks, plan, reader, block_bytes)
     writer = _MemoryWriter(plan)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(default_threads())
     try:
         for i, task in enumerate(plan.tasks):
             schedule.advance(i)
             merge_task(task, plan, reader, writer, device, block_bytes)  # type: ignore[arg-type]
     finally:
+        torch.set_num_threads(previous)
         reader.close()
     short = [n for n, t in writer.tensors.items()
              if writer._filled[n] != t.numel() * t.element_size()]
