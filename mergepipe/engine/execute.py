@@ -405,6 +405,31 @@ def default_threads() -> int:
     return max(1, usable_cores() - 1)
 
 
+MALLOC_ARENAS = 2
+
+
+def limit_malloc_arenas() -> None:
+    """Cap glibc's malloc arenas for this process (once; elsewhere a no-op).
+
+    The engine's threads (read-ahead, per-input pool, writer) each get an arena
+    by default, and blocks freed by one thread stay in the arena that made them:
+    a K = 16 TIES merge of the 0.6b family peaked at 1.2–1.95 GiB that way, and
+    at 0.94 GiB with two arenas, at the same speed.
+    """
+    global _ARENAS_SET
+    if _ARENAS_SET:
+        return
+    _ARENAS_SET = True
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").mallopt(-8, MALLOC_ARENAS)   # M_ARENA_MAX
+    except (OSError, AttributeError):
+        pass
+
+
+_ARENAS_SET = False
+
+
 def execute_plan(plan: Plan, out_dir: str | Path, device: str = "cpu",
                  block_bytes: int = DEFAULT_BLOCK_BYTES, allow_nonfinite: bool = False,
                  progress: bool = False, threads: int | None = None,
@@ -417,6 +442,7 @@ def execute_plan(plan: Plan, out_dir: str | Path, device: str = "cpu",
     tensors up to this size are read once for all their passes. Outputs depend
     on neither.
     """
+    limit_malloc_arenas()
     previous = torch.get_num_threads()
     torch.set_num_threads(threads if threads is not None else default_threads())
     try:

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from mergepipe.engine.execute import (DEFAULT_BLOCK_BYTES, READ_AHEAD_BLOCKS, ReadScheduler,
-                                      default_threads, merge_task)
+                                      default_threads, limit_malloc_arenas, merge_task)
 from mergepipe.engine.reader import BlockReader
 from mergepipe.errors import MergePipeError
 from mergepipe.planner.plan import Plan
@@ -41,6 +41,7 @@ def merge_in_memory(plan: Plan, device: str = "cpu",
     evaluator's engine may have left it at one thread, or at every core, where
     the per-input threads of the merge would then run one at a time.
     """
+    limit_malloc_arenas()
     reader = BlockReader(plan.sources)
     reader.start_read_ahead(READ_AHEAD_BLOCKS * block_bytes)
     schedule = ReadScheduler(plan.tasks, plan, reader, block_bytes)
