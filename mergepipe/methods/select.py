@@ -27,6 +27,7 @@ import torch
 
 HI_BINS = 1 << 15   # bits 16..30 (the sign bit of a magnitude is 0)
 LO_BINS = 1 << 16   # bits 0..15
+TIE_VALUES = 256    # distinct boundary-bin values a block may record (bf16 deltas have few)
 
 
 def magnitude_bits(x: torch.Tensor) -> torch.Tensor:
@@ -61,7 +62,7 @@ class Boundary:
     bits: int
     less: int
     equal: int
-    per_block: list[int] | None = None   # entries equal to it in each block, in order
+    per_block: list[int | None] | None = None   # entries equal to it per block (None: unknown)
 
 
 class RankSelect:
@@ -80,7 +81,8 @@ class RankSelect:
         self.bins: dict[int, int] = {}                 # high bin -> count below it
         self.low: dict[int, torch.Tensor] = {}
         # per high bin, per block of pass 1: the low values present and their counts
-        self.blocks: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        # (None where there are too many to keep: the merge pass counts that block)
+        self.blocks: dict[int, list[tuple[torch.Tensor, torch.Tensor] | None]] = {}
         self.boundaries: list[Boundary] = []
 
     def observe(self, pass_no: int, bits: torch.Tensor) -> None:
@@ -95,7 +97,8 @@ class RankSelect:
             counts = torch.bincount(low, minlength=LO_BINS + 2)[1:LO_BINS + 1]
             self.low[b] += counts
             present = counts.nonzero().squeeze(1)
-            self.blocks[b].append((present, counts[present]))
+            self.blocks[b].append(None if present.numel() > TIE_VALUES else
+                                  (present.to(torch.int32), counts[present].to(torch.int32)))
 
     def observe_zeros(self, pass_no: int, n: int) -> None:
         if pass_no == 0:
@@ -121,7 +124,8 @@ class RankSelect:
             low = self.low[b]
             cum = torch.cumsum(low, 0)
             lo = int(torch.searchsorted(cum, torch.tensor([r - self.bins[b]]), right=True)[0])
-            per_block = [int(c[v == lo].sum()) for v, c in self.blocks[b]]
+            per_block = [None if rec is None else int(rec[1][rec[0] == lo].sum())
+                         for rec in self.blocks[b]]
             self.boundaries.append(Boundary((b << 16) | lo, self.bins[b] + int(cum[lo] - low[lo]),
                                             int(low[lo]), per_block))
         self.blocks.clear()
@@ -135,7 +139,7 @@ class _Cut:
     t0: int
     t1: int
     equal: int
-    per_block: list[int] | None = None   # ties in each block, when the statistics know
+    per_block: list[int | None] | None = None   # ties in each block, where the statistics know
     seen: int = 0
     block: int = 0
 
