@@ -10,6 +10,7 @@ Where the time goes is measured per phase (:class:`Phases`).
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import resource
@@ -408,6 +409,7 @@ def default_threads() -> int:
 MALLOC_ARENAS = 2
 
 
+@functools.cache
 def limit_malloc_arenas() -> None:
     """Cap glibc's malloc arenas for this process (once; elsewhere a no-op).
 
@@ -416,18 +418,11 @@ def limit_malloc_arenas() -> None:
     a K = 16 TIES merge of the 0.6b family peaked at 1.2–1.95 GiB that way, and
     at 0.94 GiB with two arenas, at the same speed.
     """
-    global _ARENAS_SET
-    if _ARENAS_SET:
-        return
-    _ARENAS_SET = True
     try:
         import ctypes
         ctypes.CDLL("libc.so.6").mallopt(-8, MALLOC_ARENAS)   # M_ARENA_MAX
     except (OSError, AttributeError):
         pass
-
-
-_ARENAS_SET = False
 
 
 def execute_plan(plan: Plan, out_dir: str | Path, device: str = "cpu",

@@ -238,6 +238,8 @@ class FamilyStream:
         """
         params = self.params
         weights = [float(w) for w in params["weight"]]
+        # an input that is the base tells its sparsifier the block went by (the tie
+        # counts advance) and drops out, unless its masks must draw for it anyway
         live = [k for k, x in enumerate(tensors)
                 if x is not base or not self.inputs[k].skip_zeros(base)]
         if not live:
