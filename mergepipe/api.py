@@ -41,8 +41,13 @@ __all__ = ["open_catalog", "workspace_home", "register", "resolve_model", "model
 def open_catalog(home: str | Path | None = None, url: str | None = None,
                  read_only: bool = False) -> Catalog:
     """Open the catalog of workspace ``home`` (or the database at ``url``); a context
-    manager. A catalog another process writes fails with one line naming it."""
+    manager. A catalog another process writes fails with one line naming it.
+
+    Caps the process's malloc arenas first (:mod:`mergepipe.arenas`): merges
+    run after it keep their freed blocks in few arenas."""
+    from mergepipe.arenas import limit_malloc_arenas
     from mergepipe.catalog.store import open_catalog as open_
+    limit_malloc_arenas()
     return open_(home, url, read_only=read_only)
 
 

@@ -3,7 +3,7 @@
 Layers, lowest first; a module may import its own layer and the layers below:
 
     0  errors, files, text, hashing,
-       safetensors_format                        facts every layer needs
+       safetensors_format, arenas                facts every layer needs
     1  methods                                    merge math, no I/O
     2  catalog                                    rows in, rows out
     3  planner                                    specs -> plans
@@ -26,6 +26,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "mergepipe"
 
 LAYERS: dict[str, int] = {
     "mergepipe": 0, "errors": 0, "files": 0, "text": 0, "safetensors_format": 0, "hashing": 0,
+    "arenas": 0,
     "methods": 1, "catalog": 2, "planner": 3, "engine": 4, "runs": 5, "evaluate": 6,
     "world": 7, "search": 8, "api": 9, "demo": 10, "cli": 11, "__main__": 12,
 }

@@ -10,6 +10,7 @@ import sys
 
 import click
 
+from mergepipe.arenas import limit_malloc_arenas
 from mergepipe.cli.common import MergePipeGroup, Workspace
 
 
@@ -52,6 +53,7 @@ _load_commands()
 
 
 def main() -> None:
+    limit_malloc_arenas()   # before the catalog's threads make arenas of their own
     cli(prog_name="mergepipe")
 
 

@@ -10,7 +10,6 @@ Where the time goes is measured per phase (:class:`Phases`).
 """
 from __future__ import annotations
 
-import functools
 import json
 import os
 import resource
@@ -25,6 +24,7 @@ from typing import Any, Callable, Iterator
 import torch
 from tqdm import tqdm
 
+from mergepipe.arenas import limit_malloc_arenas
 from mergepipe.engine.reader import BlockReader
 from mergepipe.engine.writer import ShardWriter
 from mergepipe.engine.faults import crash_point
@@ -406,23 +406,17 @@ def default_threads() -> int:
     return max(1, usable_cores() - 1)
 
 
-MALLOC_ARENAS = 2
+def read_threads() -> int:
+    """Reads the read-ahead keeps in flight: one on two cores, up to four with more.
 
-
-@functools.cache
-def limit_malloc_arenas() -> None:
-    """Cap glibc's malloc arenas for this process (once; elsewhere a no-op).
-
-    The engine's threads (read-ahead, per-input pool, writer) each get an arena
-    by default, and blocks freed by one thread stay in the arena that made them:
-    a K = 16 TIES merge of the 0.6b family peaked at 1.2–1.95 GiB that way, and
-    at 0.94 GiB with two arenas, at the same speed.
+    A disk gives more with several reads in flight (this machine's virtio disk,
+    cold: 345–643 MiB/s for one blocking ``pread`` at a time, 755–848 MiB/s for
+    two to eight; ``bench/read_threads.py``), but each pread's copy takes CPU:
+    on two cores four readers slowed a cold K = 16 task-arithmetic merge from
+    77 to 83 s, and two a K = 8 TIES merge from 89 to 94 s: the math lost its core.
     """
-    try:
-        import ctypes
-        ctypes.CDLL("libc.so.6").mallopt(-8, MALLOC_ARENAS)   # M_ARENA_MAX
-    except (OSError, AttributeError):
-        pass
+    cores = usable_cores()
+    return 1 if cores <= 2 else min(4, cores // 2)
 
 
 def execute_plan(plan: Plan, out_dir: str | Path, device: str = "cpu",
@@ -455,7 +449,7 @@ def _execute(plan: Plan, out_dir: Path, device: str, block_bytes: int, allow_non
     phases.counts["threads"] = torch.get_num_threads()
     phases.counts["cores"] = usable_cores()
     reader = BlockReader(plan.sources, allow_nonfinite=allow_nonfinite, phases=phases)
-    reader.start_read_ahead(READ_AHEAD_BLOCKS * block_bytes)
+    reader.start_read_ahead(READ_AHEAD_BLOCKS * block_bytes, read_threads())
     hashes: dict[str, str] = {}
     files: dict[str, int] = {}
     written = 0

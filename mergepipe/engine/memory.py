@@ -9,8 +9,9 @@ from typing import Any
 
 import torch
 
+from mergepipe.arenas import limit_malloc_arenas
 from mergepipe.engine.execute import (DEFAULT_BLOCK_BYTES, READ_AHEAD_BLOCKS, ReadScheduler,
-                                      default_threads, limit_malloc_arenas, merge_task)
+                                      default_threads, merge_task, read_threads)
 from mergepipe.engine.reader import BlockReader
 from mergepipe.errors import MergePipeError
 from mergepipe.planner.plan import Plan
@@ -43,7 +44,7 @@ def merge_in_memory(plan: Plan, device: str = "cpu",
     """
     limit_malloc_arenas()
     reader = BlockReader(plan.sources)
-    reader.start_read_ahead(READ_AHEAD_BLOCKS * block_bytes)
+    reader.start_read_ahead(READ_AHEAD_BLOCKS * block_bytes, read_threads())
     schedule = ReadScheduler(plan.tasks, plan, reader, block_bytes)
     writer = _MemoryWriter(plan)
     previous = torch.get_num_threads()

@@ -11,8 +11,8 @@ tensor suffices. A tensor read only in part (unselected blocks under an I/O
 budget) cannot be checked against a whole-tensor hash; its use rests on the
 size and mtime check made when the plan is built.
 
-When the engine schedules its reads (:class:`ReadAhead`), a background thread
-reads, hashes and decodes them in order while the merge thread does the math.
+When the engine schedules its reads (:class:`ReadAhead`), background threads
+read, hash and decode them while the merge thread does the math.
 """
 from __future__ import annotations
 
@@ -93,15 +93,17 @@ class BlockReader:
         return got
 
     def fetch(self, read: Read, start: int, nbytes: int, tensor: str | None,
-              shape: tuple[int, ...] | None, read_phase: str = "read",
-              native: bool = False) -> Any:
-        """Read, check against the registered hash, and decode when ``shape`` is given.
-
-        Thread-safe: the read-ahead thread runs it for scheduled ranges, in order
-        (its reads are timed as ``read_ahead``: they overlap the merge).
-        """
-        with self._time(read_phase):
+              shape: tuple[int, ...] | None, native: bool = False) -> Any:
+        """Read, check against the registered hash, and decode when ``shape`` is given."""
+        with self._time("read"):
             buf = self.pread(read, start, nbytes)
+        return self.finish(read, start, buf, tensor, shape, native)
+
+    def finish(self, read: Read, start: int, buf: memoryview, tensor: str | None,
+               shape: tuple[int, ...] | None, native: bool = False) -> Any:
+        """Check bytes read from ``start`` against the registered hash, and decode them
+        when ``shape`` is given. A tensor's ranges must come in order for its hash to
+        be checked, so the read-ahead runs this on one thread, in schedule order."""
         with self._time("verify"):
             self._check_hash(read, start, buf, tensor)
         if shape is None:
@@ -123,9 +125,9 @@ class BlockReader:
             got += n
         return view
 
-    def start_read_ahead(self, max_bytes: int) -> "ReadAhead":
-        """Run scheduled reads on a background thread from now on (see :class:`ReadAhead`)."""
-        self.ahead = ReadAhead(self, max_bytes)
+    def start_read_ahead(self, max_bytes: int, threads: int = 1) -> "ReadAhead":
+        """Run scheduled reads on background threads from now on (see :class:`ReadAhead`)."""
+        self.ahead = ReadAhead(self, max_bytes, threads)
         return self.ahead
 
     def _time(self, name: str) -> Any:
@@ -226,56 +228,66 @@ def _form(shape: tuple[int, ...] | None, native: bool) -> str:
 class _Slot:
     __slots__ = ("key", "read", "start", "nbytes", "tensor", "shape", "native", "state",
                  "result")
-    QUEUED, READING, DONE = 0, 1, 2
+    QUEUED, READING, READ, DONE = 0, 1, 2, 3
 
     def __init__(self, key: tuple, read: Read, start: int, nbytes: int, tensor: str | None,
                  shape: tuple[int, ...] | None, native: bool):
         self.key, self.read, self.start, self.nbytes = key, read, start, nbytes
         self.tensor, self.shape, self.native = tensor, shape, native
         self.state = _Slot.QUEUED
-        self.result: Any = None
+        self.result: Any = None   # the bytes once READ; the handed-over value once DONE
+
+
 
 
 class ReadAhead:
-    """Reads, checks and decodes the ranges the merge will ask for next, on a background thread.
+    """Reads, checks and decodes the ranges the merge will ask for next, on background threads.
 
     ``os.preadv``, blake3 and torch's conversions all release the GIL, so the
-    disk and this thread work while the merge thread does the math on what
+    disk and these threads work while the merge thread does the math on what
     came before: a cold merge then costs about the largest of its disk time,
-    this thread's time and the math, not their sum. The engine
-    :meth:`schedule`s the exact ranges it will read, in its order; ``take``
-    hands each over (a range never scheduled is read by the caller). At most
-    ``max_bytes`` of read ranges wait to be taken. Bytes count as read when
-    taken, so the budget's counts do not change; ranges read and then skipped
-    over (never taken) are counted as ``unused_bytes``.
+    these threads' time and the math, not their sum. ``threads`` threads keep
+    that many reads in flight; one more checks the hashes and decodes, range by
+    range in schedule order, as a tensor's running hash needs. The engine :meth:`schedule`s the exact
+    ranges it will read, in its order; ``take`` hands each over (a range never
+    scheduled is read by the caller). At most ``max_bytes`` of read ranges wait
+    to be taken. Bytes count as read when taken, so the budget's counts do not
+    change; ranges read and then skipped over (never taken) are counted as
+    ``unused_bytes``.
     """
 
-    def __init__(self, reader: BlockReader, max_bytes: int):
+    def __init__(self, reader: BlockReader, max_bytes: int, threads: int = 1):
         self._reader = reader
         self.max_bytes = max_bytes
         self._cv = threading.Condition()
-        self._slots: deque[_Slot] = deque()
+        self._slots: deque[_Slot] = deque()     # scheduled, not yet taken: DONE ones first
+        self._queued: deque[_Slot] = deque()    # not yet picked by a read thread (a suffix)
+        self._done = 0                          # DONE slots at the head of _slots
         self._held = 0                          # bytes read (or being read) and not yet taken
         self._pending = 0                       # bytes scheduled and not yet taken
         self._closed = False
         self.unused_bytes = 0
-        self._thread = threading.Thread(target=self._run, name="mergepipe-read-ahead",
-                                        daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._read_loop, daemon=True,
+                                          name=f"mergepipe-read-{i}") for i in range(threads)]
+        self._threads.append(threading.Thread(target=self._finish_loop, daemon=True,
+                                              name="mergepipe-read-check"))
+        for t in self._threads:
+            t.start()
 
     @staticmethod
     def _key(read: Read, start: int, nbytes: int, form: str) -> tuple:
         return (read.src, read.file, read.offset + start, nbytes, form)
 
     def schedule(self, ranges: list[tuple]) -> None:
-        """Append (read, start, nbytes, tensor, shape[, native]) ranges in the order they
+        """Append (read, start, nbytes, tensor, shape, native) ranges in the order they
         will be taken; ``shape`` None hands over the raw bytes, else rows of that shape
         (float32, or the file's float dtype when ``native``)."""
         with self._cv:
-            for read, start, nbytes, tensor, shape, *rest in ranges:
-                native = bool(rest and rest[0])
+            for read, start, nbytes, tensor, shape, native in ranges:
                 key = self._key(read, start, nbytes, _form(shape, native))
-                self._slots.append(_Slot(key, read, start, nbytes, tensor, shape, native))
+                slot = _Slot(key, read, start, nbytes, tensor, shape, native)
+                self._slots.append(slot)
+                self._queued.append(slot)
                 self._pending += nbytes
             self._cv.notify_all()
 
@@ -285,57 +297,93 @@ class ReadAhead:
             return self._pending
 
     def take(self, read: Read, start: int, nbytes: int, form: str) -> Any:
-        """The scheduled range's result (waiting for it if needed), or None."""
+        """The scheduled range's result (waiting for it if needed), or None.
+
+        Ranges before it in the schedule were skipped by the merge: dropped if
+        not yet read, else waited for (their hash state must stay in order).
+        """
         key = self._key(read, start, nbytes, form)
         with self._cv:
             pos = next((i for i, slot in enumerate(self._slots) if slot.key == key), None)
             if pos is None:
                 return None
-            for _ in range(pos + 1):
+            for n in range(pos + 1):
                 slot = self._slots[0]
-                while slot.state == _Slot.READING:
+                if n < pos and slot.state == _Slot.QUEUED:
+                    self._slots.popleft()       # skipped before anyone read it
+                    self._queued.popleft()
+                    self._pending -= slot.nbytes
+                    continue
+                while slot.state != _Slot.DONE:
                     self._cv.wait()
                 self._slots.popleft()
+                self._done -= 1
                 self._pending -= slot.nbytes
-                if slot.state == _Slot.DONE and not isinstance(slot.result, BaseException):
+                if not isinstance(slot.result, BaseException):
                     self._held -= slot.nbytes
-                    if slot.key != key:         # scheduled, read, then skipped over
+                    if n < pos:                 # scheduled, read, then skipped over
                         self.unused_bytes += slot.nbytes
             self._cv.notify_all()
-            if slot.state == _Slot.QUEUED:      # not read yet: the caller reads it
-                return None
             if isinstance(slot.result, BaseException):
                 raise slot.result
             return slot.result
 
-    def _next_slot(self) -> _Slot | None:
-        if self._held >= self.max_bytes:
-            return None
-        return next((slot for slot in self._slots if slot.state == _Slot.QUEUED), None)
-
-    def _run(self) -> None:
+    def _read_loop(self) -> None:
+        """Pick the first queued range (while under ``max_bytes``) and pread it."""
         while True:
             with self._cv:
-                while not self._closed and (slot := self._next_slot()) is None:
+                while not self._closed and (slot := self._next_queued()) is None:
                     self._cv.wait()
                 if self._closed:
                     return
                 slot.state = _Slot.READING
                 self._held += slot.nbytes
             try:
-                result = self._reader.fetch(slot.read, slot.start, slot.nbytes, slot.tensor,
-                                            slot.shape, read_phase="read_ahead",
-                                            native=slot.native)
+                with self._reader._time("read_ahead"):
+                    result: Any = self._reader.pread(slot.read, slot.start, slot.nbytes)
             except BaseException as exc:   # raised to whoever takes this range
                 result = exc
             with self._cv:
+                slot.result, slot.state = result, _Slot.READ
+                self._cv.notify_all()
+
+    def _next_queued(self) -> _Slot | None:
+        if self._held >= self.max_bytes or not self._queued:
+            return None
+        return self._queued.popleft()
+
+    def _finish_loop(self) -> None:
+        """Check and decode read ranges in schedule order."""
+        while True:
+            with self._cv:
+                while not self._closed and (slot := self._next_read()) is None:
+                    self._cv.wait()
+                if self._closed:
+                    return
+            result = slot.result
+            if not isinstance(result, BaseException):
+                try:
+                    result = self._reader.finish(slot.read, slot.start, result, slot.tensor,
+                                                 slot.shape, slot.native)
+                except BaseException as exc:
+                    result = exc
+            with self._cv:
                 slot.result, slot.state = result, _Slot.DONE
+                self._done += 1
                 if isinstance(result, BaseException):
                     self._held -= slot.nbytes
                 self._cv.notify_all()
+
+    def _next_read(self) -> _Slot | None:
+        """The first range not yet finished, once it is read (None while it is not)."""
+        if self._done == len(self._slots):
+            return None
+        slot = self._slots[self._done]
+        return slot if slot.state == _Slot.READ else None
 
     def close(self) -> None:
         with self._cv:
             self._closed = True
             self._cv.notify_all()
-        self._thread.join()
+        for t in self._threads:
+            t.join()
