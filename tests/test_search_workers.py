@@ -56,6 +56,34 @@ def test_pool_frees_each_worker_as_its_own_job_finishes(tmp_path):
         assert by_trial[1].busy_s >= 1.0
 
 
+@dataclass
+class ImportedJob:
+    """Reports whether a module was imported in the worker before this job ran."""
+
+    module: str
+
+    def run(self) -> dict:
+        import sys
+        return {"imported": self.module in sys.modules}
+
+
+def test_workers_are_warm_before_the_first_trial():
+    """``wait_ready`` returns once every worker has imported its warm modules, so a
+    trial's busy time is evaluation, not start-up (transformers alone takes seconds)."""
+    with LocalPool(2, warm=("mergepipe.engine.execute",)) as pool:
+        pool.wait_ready()
+        for i, w in enumerate(pool.free()):
+            pool.submit(w, i, ImportedJob("mergepipe.engine.execute"))
+        results = pool.wait(timeout=None)
+        while len(results) < 2:
+            results += pool.wait(timeout=None)
+        assert all(r.ok and r.value["imported"] for r in results)
+    with LocalPool(1, warm=()) as cold:
+        cold.wait_ready()
+        cold.submit("w0", 0, ImportedJob("mergepipe.engine.execute"))
+        assert cold.wait(timeout=None)[0].value["imported"] is False
+
+
 def test_a_worker_that_dies_fails_its_trial_and_is_replaced():
     with LocalPool(1, warm=()) as pool:
         pool.submit("w0", 7, SleepJob(0.0, die=True))

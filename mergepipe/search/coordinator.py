@@ -115,6 +115,7 @@ class SearchRun:
         pool = self.pool_factory(self.cfg.workers, f"{session}.w")
         try:
             self._setup(pool)
+            pool.wait_ready()   # the workers' start-up overlaps the setup, not the trials
             self._loop(pool)
         except BaseException:
             for trial, inf in self.inflight.items():

@@ -14,7 +14,7 @@ import traceback
 from typing import Any
 
 from mergepipe.errors import MergePipeError
-from mergepipe.search.workers import Job, TrialResult
+from mergepipe.search.workers import WARM_MODULES, Job, TrialResult, warm_imports
 
 
 class _Evaluator:
@@ -27,7 +27,12 @@ class _Evaluator:
         torch.set_num_threads(1)
         from mergepipe.evaluate.hf import silence_transformers
         silence_transformers()
+        warm_imports(WARM_MODULES)
         self.name = name
+
+    def ready(self) -> bool:
+        """Answered once the constructor (imports included) has run."""
+        return True
 
     def run(self, trial: int, job: Job) -> TrialResult:
         started = time.time()
@@ -64,6 +69,12 @@ class RayPool:
 
     def free(self) -> list[str]:
         return [n for n in self._names if n not in self._busy]
+
+    def wait_ready(self, timeout: float = 120.0) -> None:
+        """Block until every actor has been constructed (imports included), or ``timeout``;
+        an actor that failed to start shows up when its first trial runs."""
+        refs = [actor.ready.remote() for actor in self._actors.values()]
+        self._ray.wait(refs, num_returns=len(refs), timeout=timeout)
 
     def submit(self, worker: str, trial: int, job: Job) -> None:
         if worker in self._busy:

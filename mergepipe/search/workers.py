@@ -47,6 +47,8 @@ class WorkerPool(Protocol):
 
     def free(self) -> list[str]: ...
 
+    def wait_ready(self, timeout: float = 120.0) -> None: ...
+
     def submit(self, worker: str, trial: int, job: Job) -> None: ...
 
     def wait(self, timeout: float | None = None) -> list[TrialResult]: ...
@@ -55,7 +57,7 @@ class WorkerPool(Protocol):
 
 
 def _worker_main(name: str, inbox: "mp.Queue[Any]", outbox: "mp.Queue[Any]",
-                 warm: tuple[str, ...]) -> None:
+                 warm: tuple[str, ...], ready: Any) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     import torch  # imported here so the parent's thread settings don't leak in
@@ -65,7 +67,8 @@ def _worker_main(name: str, inbox: "mp.Queue[Any]", outbox: "mp.Queue[Any]",
     os.nice(WORKER_NICE)
     from mergepipe.evaluate.hf import silence_transformers
     silence_transformers()
-    _warm_imports(warm)
+    warm_imports(warm)
+    ready.set()
     parent = os.getppid()
     while True:
         try:
@@ -88,10 +91,15 @@ def _worker_main(name: str, inbox: "mp.Queue[Any]", outbox: "mp.Queue[Any]",
 
 
 WORKER_NICE = 5
-WARM_MODULES = ("mergepipe.engine.execute", "mergepipe.evaluate")
+# what a trial imports: the engine, the evaluators and transformers' Llama classes
+# (6 s of imports on a 2-core machine, four times the tiny world's evaluation)
+WARM_MODULES = ("mergepipe.engine.execute", "mergepipe.evaluate", "mergepipe.evaluate.hf",
+                "transformers.models.auto.modeling_auto",
+                "transformers.models.auto.tokenization_auto",
+                "transformers.models.llama.modeling_llama")
 
 
-def _warm_imports(modules: tuple[str, ...]) -> None:
+def warm_imports(modules: tuple[str, ...]) -> None:
     """Pay the import cost once at start-up, not inside the first trial's busy time."""
     for name in modules:
         try:
@@ -114,15 +122,26 @@ class LocalPool:
         self._procs: dict[str, Any] = {}
         self._inboxes: dict[str, Any] = {}
         self._busy: dict[str, tuple[int, float]] = {}     # worker -> (trial, submit time)
+        self._ready: dict[str, Any] = {}                  # worker -> set once it has warmed up
         for n in self._names:
             self._spawn(n)
 
     def _spawn(self, name: str) -> None:
-        inbox = self._ctx.Queue()
-        proc = self._ctx.Process(target=_worker_main, args=(name, inbox, self._outbox, self._warm),
+        inbox, ready = self._ctx.Queue(), self._ctx.Event()
+        proc = self._ctx.Process(target=_worker_main,
+                                 args=(name, inbox, self._outbox, self._warm, ready),
                                  name=f"mergepipe-search-{name}", daemon=True)
         proc.start()
-        self._procs[name], self._inboxes[name] = proc, inbox
+        self._procs[name], self._inboxes[name], self._ready[name] = proc, inbox, ready
+
+    def wait_ready(self, timeout: float = 120.0) -> None:
+        """Block until every worker has started and warmed up (or died, or ``timeout``),
+        so the first trials measure evaluation, not process start-up."""
+        deadline = time.time() + timeout
+        for n in self._names:
+            while not self._ready[n].wait(timeout=0.5):
+                if not self._procs[n].is_alive() or time.time() >= deadline:
+                    break
 
     def free(self) -> list[str]:
         return [n for n in self._names if n not in self._busy]
