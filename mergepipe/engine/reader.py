@@ -238,8 +238,6 @@ class _Slot:
         self.result: Any = None   # the bytes once READ; the handed-over value once DONE
 
 
-
-
 class ReadAhead:
     """Reads, checks and decodes the ranges the merge will ask for next, on background threads.
 
@@ -248,12 +246,12 @@ class ReadAhead:
     came before: a cold merge then costs about the largest of its disk time,
     these threads' time and the math, not their sum. ``threads`` threads keep
     that many reads in flight; one more checks the hashes and decodes, range by
-    range in schedule order, as a tensor's running hash needs. The engine :meth:`schedule`s the exact
-    ranges it will read, in its order; ``take`` hands each over (a range never
-    scheduled is read by the caller). At most ``max_bytes`` of read ranges wait
-    to be taken. Bytes count as read when taken, so the budget's counts do not
-    change; ranges read and then skipped over (never taken) are counted as
-    ``unused_bytes``.
+    range in schedule order, as a tensor's running hash needs. The engine
+    :meth:`schedule`s the exact ranges it will read, in its order; ``take``
+    hands each over (a range never scheduled is read by the caller). At most
+    ``max_bytes`` of read ranges wait to be taken. Bytes count as read when
+    taken, so the budget's counts do not change; ranges read and then skipped
+    over (never taken) are counted as ``unused_bytes``.
     """
 
     def __init__(self, reader: BlockReader, max_bytes: int, threads: int = 1):
