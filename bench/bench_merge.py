@@ -32,7 +32,8 @@ from harness import (MERGEKIT_ENV, THREAD_ENV, compare_models, dir_bytes, drop_c
                      gib, io_floor, machine, merge_config, mergekit_cmd, mergepipe_cmd,
                      run_measured)
 
-PARAMS = {"ties": {"weight": 1.0, "density": 0.5}, "task_arithmetic": None}
+PARAMS = {"ties": {"weight": 1.0, "density": 0.5}, "task_arithmetic": None, "sce": {}}
+MERGE_WIDE = {"sce": {"select_topk": 0.5}}
 PHASES = ("read", "read_ahead", "verify", "decode", "stats", "math", "encode", "queue_wait", "write",
           "hash", "fsync")
 
@@ -69,9 +70,10 @@ def _mergepipe(home: Path, cfg: Path, out: Path, models: list[Path], *extra: str
 def one_method(method: str, base: Path, experts: list[Path], home: Path, work: Path,
                dtype: str, budget: str | None, peer: bool = True) -> dict:
     k = len(experts)
-    params = PARAMS[method] or {"weight": round(1.0 / k, 6)}
+    params = PARAMS[method] if PARAMS[method] is not None else {"weight": round(1.0 / k, 6)}
     cfg = work / f"{method}-K{k}.yml"
-    cfg.write_text(merge_config(method, base, experts, dtype=dtype, **params))
+    cfg.write_text(merge_config(method, base, experts, dtype=dtype,
+                                merge_wide=MERGE_WIDE.get(method), **params))
     models = [base, *experts]
     outs = {t: work / f"{t}-{method}-K{k}" for t in ("mergekit", "exact", "budget")}
     for d in outs.values():
@@ -97,7 +99,8 @@ def one_method(method: str, base: Path, experts: list[Path], home: Path, work: P
         shutil.rmtree(d, ignore_errors=True)
     for tool, v in rows.items():
         v["speedup"] = rows["mergekit"]["wall_s"] / v["wall_s"] if peer else None
-    return {"method": method, "experts": k, "params": params, "tools": rows}
+    return {"method": method, "experts": k, "params": params, "merge_wide": MERGE_WIDE.get(method),
+            "tools": rows}
 
 
 def _compare(ours: Path, theirs: Path, base: Path) -> dict:
@@ -170,6 +173,8 @@ def main() -> None:
     out = Path(args.results)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"merge_{args.size.replace('.', '_')}_K{'-'.join(map(str, args.experts))}"
+    if args.methods != ap.get_default("methods"):   # keep the default table apart
+        stem += "_" + "-".join(args.methods)
     (out / f"{stem}.json").write_text(json.dumps(doc, indent=2) + "\n")
     loads = [v["loadavg_1m"] for r in results for v in r["tools"].values()]
     md = (f"# MergePipe vs mergekit, {args.size} ({fam.params / 1e6:.0f}M params), "

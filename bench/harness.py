@@ -100,13 +100,16 @@ def run_measured(cmd: list[str], env: dict[str, str] | None = None) -> dict[str,
 
 
 def merge_config(method: str, base: Path, experts: list[Path], dtype: str = "float32",
-                 **params: Any) -> str:
-    """One YAML config that both mergekit and MergePipe accept (float32: exact comparison)."""
+                 merge_wide: dict[str, Any] | None = None, **params: Any) -> str:
+    """One YAML config that both mergekit and MergePipe accept (float32: exact comparison);
+    ``params`` go to every model, ``merge_wide`` to the top-level parameters."""
     lines = [f"merge_method: {method}", f"base_model: {Path(base).resolve()}", f"dtype: {dtype}",
              "models:"]
     for e in experts:
         lines.append(f"  - model: {Path(e).resolve()}")
         lines.append("    parameters: {" + ", ".join(f"{k}: {v}" for k, v in params.items()) + "}")
+    if merge_wide:
+        lines.append("parameters: {" + ", ".join(f"{k}: {v}" for k, v in merge_wide.items()) + "}")
     return "\n".join(lines) + "\n"
 
 

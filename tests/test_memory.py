@@ -1,7 +1,7 @@
 """Peak memory of apply is bounded by the block size, not by tensor or model size.
 
 That holds for the sparsifying methods too (TIES, DARE-TIES, breadcrumbs,
-DELLA): their whole-tensor statistics come from passes over row blocks, so the
+DELLA, SCE): their whole-tensor statistics come from passes over row blocks, so the
 bound here is below the size of one float32 copy of one tensor, where
 buffering whole tensors (one copy per input) would need several.
 """
@@ -44,22 +44,24 @@ def family(tmp_path_factory) -> Path:
     return root
 
 
+# method: (per-model parameters, merge-wide parameters)
 METHODS = {
-    "task_arithmetic": {},
-    "ties": {"density": 0.3},
-    "dare_ties": {"density": 0.3},                  # random masks with an L1 rescale
-    "breadcrumbs_ties": {"density": 0.5, "gamma": 0.1},
+    "task_arithmetic": ({"weight": 0.5}, {}),
+    "ties": ({"weight": 0.5, "density": 0.3}, {}),
+    "dare_ties": ({"weight": 0.5, "density": 0.3}, {}),   # random masks with an L1 rescale
+    "breadcrumbs_ties": ({"weight": 0.5, "density": 0.5, "gamma": 0.1}, {}),
+    "sce": ({}, {"select_topk": 0.5}),                   # a variance cut and energy sums
 }
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_peak_rss_of_apply_is_bounded_by_blocks(method, family, tmp_path):
-    extra = METHODS[method]
+    per_model, merge_wide = METHODS[method]
     spec = {"merge_method": method, "base_model": str(family / "base"),
-            "models": [{"model": str(family / e), "parameters": {"weight": 0.5, **extra}}
+            "models": [{"model": str(family / e), "parameters": per_model}
                        for e in ("e1", "e2")],
-            "out_shard_size": "100MB"}
+            "parameters": merge_wide, "out_shard_size": "100MB"}
     script = textwrap.dedent(f"""
         import json
         from mergepipe import api
@@ -77,7 +79,13 @@ def test_peak_rss_of_apply_is_bounded_by_blocks(method, family, tmp_path):
         print(json.dumps({{"before": before, "peak": peak, "written": res.bytes_written,
                           "read": res.bytes_read}}))
     """)
-    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    # A fixed mmap threshold: glibc otherwise raises it as large blocks are freed and
+    # serves later blocks from a heap whose holes it keeps, a term that varied from
+    # 25 to 130 MiB between identical SCE runs. The bound is on what the engine holds;
+    # the bench reports the default allocator's peak (bench/results/merge_*.md).
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(256 << 10)}
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=600, env=env)
     assert res.returncode == 0, res.stderr
     m = json.loads(res.stdout.strip().splitlines()[-1])
     inputs = 3

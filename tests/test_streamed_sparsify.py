@@ -121,6 +121,27 @@ def test_small_row_blocks_write_the_whole_tensor_bytes(name, bf16_family, tmp_pa
     with api.open_catalog(tmp_path / "ws") as cat:
         plan = api.build_plan(cat, _spec(method, bf16_family, params, **extra), seed=3,
                               store=False)
+    # magnitude ranks need statistics passes; random masks only for their L1 rescale
+    needs_stats = not method.startswith(("dare", "della")) or params.get("rescale", True)
+    _blocks_write_whole_bytes(plan, tmp_path, needs_stats)
+
+
+@pytest.mark.parametrize("topk", [1.0, 0.4, 0.0])
+def test_sce_in_small_row_blocks_writes_the_whole_tensor_bytes(topk, bf16_family, tmp_path):
+    """SCE's variance cut (ties included: bf16 deltas), energy sums and sign election."""
+    from mergepipe import api
+
+    spec = {"merge_method": "sce", "base_model": str(bf16_family["base"]), "dtype": "float32",
+            "models": [{"model": str(bf16_family[f"x{k}"])} for k in (1, 2, 3)],
+            "parameters": {"select_topk": topk}}
+    with api.open_catalog(tmp_path / "ws") as cat:
+        plan = api.build_plan(cat, spec, store=False)
+    _blocks_write_whole_bytes(plan, tmp_path, needs_stats=True)
+
+
+def _blocks_write_whole_bytes(plan, tmp_path: Path, needs_stats: bool) -> None:
+    from mergepipe import api
+
     whole = api.execute_plan(plan, tmp_path / "whole")   # every tensor is one block
     # ~3 rows a block, each statistics pass reading them again
     rows = api.execute_plan(plan, tmp_path / "rows", block_bytes=3 * 256, cache_bytes=0)
@@ -131,8 +152,6 @@ def test_small_row_blocks_write_the_whole_tensor_bytes(name, bf16_family, tmp_pa
     # statistics passes read again, but bytes_read counts each planned byte once
     assert rows.bytes_read == whole.bytes_read
     assert rows.bytes_read_experts == sum(s.nbytes for t in plan.tasks for s in t.inputs)
-    # magnitude ranks need statistics passes; random masks only for their L1 rescale
-    needs_stats = not method.startswith(("dare", "della")) or params.get("rescale", True)
     assert (rows.phases["reread_bytes"] > 0) == needs_stats
     assert set(rows.phases) >= {"read", "decode", "stats", "math", "encode", "write", "hash",
                                 "fsync", "threads", "cores"}
@@ -202,3 +221,71 @@ def test_column_stepped_consensus_has_mergekits_bits(weights):
     divisor = torch.cat([d for _, d in steps])
     assert torch.equal(mixed, want_mixed)
     assert torch.equal(mixed / divisor, want_mixed / want_divisor)
+
+
+def _sce_streamed(base: torch.Tensor, inputs: list[torch.Tensor], topk: float,
+                  pieces: list[tuple[int, int]]) -> torch.Tensor:
+    from mergepipe.methods.base import TensorContext
+    from mergepipe.methods.sce import SceStream
+
+    ctx = TensorContext("t", tuple(base.shape), tuple(f"m{k}" for k in range(len(inputs))))
+    stream = SceStream(ctx, {"select_topk": topk}, len(inputs))
+    for p in range(stream.passes):
+        for a, b in pieces:
+            stream.observe(p, base[a:b], [x[a:b] for x in inputs])
+        stream.end_pass(p)
+    return torch.cat([stream.merge(base[a:b], [x[a:b] for x in inputs]) for a, b in pieces])
+
+
+@pytest.mark.parametrize("topk", [1.0, 0.3])
+def test_sce_stream_equals_mergekit_above_the_grain(topk):
+    """Past torch's grain the energy sums go in fixed chunks (mergekit: torch's own
+    order), so the weights may differ in the last bit; the selection and the sign
+    election are the same, so the outputs agree to float32 rounding."""
+    from mergekit.merge_methods.generalized_task_arithmetic import get_mask
+    from mergekit.merge_methods.sce import sce_mask, sce_weight
+
+    g = torch.Generator().manual_seed(11)
+    base = torch.randn(300, 200, generator=g)
+    inputs = [base + 0.01 * torch.randn(300, 200, generator=g) for _ in range(3)]
+    assert base.numel() > GRAIN
+    tvs = torch.stack([x - base for x in inputs])
+    if topk < 1:
+        tvs = tvs * sce_mask(tvs, topk, tvs.dtype).unsqueeze(0)
+    w = sce_weight(tvs)[:, None, None] * get_mask(tvs, method="sum", mask_dtype=tvs.dtype)
+    want = base + (tvs * w).sum(dim=0) / w.sum(dim=0).clamp(min=1e-6)
+    got = _sce_streamed(base, inputs, topk, _pieces(300, g))
+    assert torch.equal(got, _sce_streamed(base, inputs, topk, [(0, 300)]))
+    assert torch.equal(got == base, want == base)     # the same entries are merged
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_sce_keeps_the_earliest_of_tied_variances():
+    """Where variances tie at the cut, the first entries in flat order are selected."""
+    g = torch.Generator().manual_seed(2)
+    v = torch.randint(1, 4, (40, 16), generator=g).float()   # three distinct variances
+    base = torch.zeros_like(v)
+    out = _sce_streamed(base, [v, -v], 0.45, _pieces(40, g))
+    k = int(torch.tensor(v.numel()) * 0.45)
+    order = torch.sort(v.reshape(-1), descending=True, stable=True).indices
+    selected = torch.zeros(v.numel(), dtype=torch.bool)
+    selected[order[:k]] = True
+    # a selected entry keeps the positive task vector (the sum is 0: + wins), others stay 0
+    assert torch.equal(out.reshape(-1) != 0, selected)
+
+
+@pytest.mark.parametrize("n_inputs", [1, 2, 3, 8])
+def test_sce_variance_has_torchs_bits(n_inputs):
+    """The vectorised Welford update gives torch.var's float32 result exactly (ties,
+    zeros, signed zeros, spread magnitudes; more columns than one step)."""
+    from mergepipe.methods.sce import VAR_STEP, variance
+
+    g = torch.Generator().manual_seed(n_inputs)
+    base = torch.randn(3, VAR_STEP + 999, generator=g) * 10 ** torch.randint(
+        -4, 4, (3, VAR_STEP + 999), generator=g).float()
+    tvs = torch.stack([(base + 0.01 * torch.randn(base.shape, generator=g)).bfloat16().float()
+                       - base for _ in range(n_inputs)])
+    tvs[:, 0, :64] = 0
+    tvs[0, 1, :64] = -0.0
+    assert torch.equal(variance(tvs), torch.var(tvs, dim=0, unbiased=False))
+    assert torch.equal(variance(tvs[:, 0]), torch.var(tvs[:, 0], dim=0, unbiased=False))

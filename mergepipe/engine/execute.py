@@ -3,7 +3,7 @@
 This module knows nothing about the catalog, so a worker process can run it;
 transactions (staging, manifest, commit) are in :mod:`mergepipe.runs`.
 Peak memory: for block-scope methods and for tensor-scope methods that
-stream (TIES, DARE, breadcrumbs, DELLA: statistics passes over row blocks,
+stream (TIES, DARE, breadcrumbs, DELLA, SCE: statistics passes over row blocks,
 then a merge pass) a few blocks per input; for the other tensor-scope methods
 (SLERP, Model Stock, ...) one float32 copy of the current tensor per input.
 Where the time goes is measured per phase (:class:`Phases`).

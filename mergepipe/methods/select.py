@@ -75,7 +75,9 @@ class RankSelect:
     :meth:`observe_zeros` stands for a block of zeros without computing on it.
     """
 
-    def __init__(self, ranks: list[int]):
+    def __init__(self, ranks: list[int] | None):
+        # None: the ranks are set before end_pass(0), once pass 0 has counted what
+        # they depend on (SCE's rank is a fraction of the nonzero variances)
         self.ranks = ranks
         self.hist = torch.zeros(HI_BINS, dtype=torch.int64)
         self.bins: dict[int, int] = {}                 # high bin -> count below it
@@ -86,7 +88,7 @@ class RankSelect:
         self.boundaries: list[Boundary] = []
 
     def observe(self, pass_no: int, bits: torch.Tensor) -> None:
-        if not self.ranks:
+        if self.ranks == []:
             return
         if pass_no == 0:
             self.hist += torch.bincount(bits >> 16, minlength=HI_BINS)
