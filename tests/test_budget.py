@@ -203,3 +203,42 @@ def test_unselected_blocks_skipped_or_computed_as_zeros_give_the_same_bytes(
     assert rows.bytes_read == whole.bytes_read
     assert (tmp_path / "rows" / "model.safetensors").read_bytes() == \
         (tmp_path / "whole" / "model.safetensors").read_bytes()
+
+
+def test_base_rows_outside_every_selection_pass_through_as_stored(ws, tiny_family, tmp_path,
+                                                                   monkeypatch):
+    """Blocks where no expert is read are the base's own bytes, not decoded and encoded:
+    the same output as the float32 round trip, with fewer steps."""
+    from mergepipe.engine import execute
+    from mergepipe.engine.reader import BlockReader
+
+    spec = _spec(tiny_family, "task_arithmetic", [0.6, 0.4])
+    plan = api.build_plan(ws, spec, io_budget="20%", store=False)
+    passed = []
+    rows_bytes = BlockReader.rows_bytes
+    monkeypatch.setattr(BlockReader, "rows_bytes",
+                        lambda self, *a: passed.append(a) or rows_bytes(self, *a))
+    api.execute_plan(plan, tmp_path / "through", block_bytes=SMALL_BLOCKS)
+    monkeypatch.setattr(execute, "_base_bytes_out", lambda *a: False)
+    api.execute_plan(plan, tmp_path / "round_trip", block_bytes=SMALL_BLOCKS)
+    assert len(passed) > 10
+    assert (tmp_path / "through" / "model.safetensors").read_bytes() == \
+        (tmp_path / "round_trip" / "model.safetensors").read_bytes()
+
+
+def test_nan_in_base_rows_that_pass_through_is_refused(family, tmp_path):
+    from safetensors.torch import load_file as load, save_file
+
+    from mergepipe.errors import MergePipeError
+
+    shard = family["base"] / "model.safetensors"
+    sd = load(shard)
+    sd["model.layers.2.mlp.up_proj.weight"][-1, 0] = float("nan")
+    save_file(sd, shard, metadata={"format": "pt"})
+    with api.open_catalog(tmp_path / "ws") as cat:
+        rows = {k: api.register(cat, p, name=k) for k, p in family.items()}
+        analyze(cat, [rows["e1"], rows["e2"]], rows["base"], block_bytes=SMALL_BLOCKS)
+        plan = api.build_plan(cat, _spec(family, "task_arithmetic", [0.6, 0.4]),
+                              io_budget="5%", store=False)
+        with pytest.raises(MergePipeError, match="NaN or Inf"):
+            api.execute_plan(plan, tmp_path / "out", block_bytes=SMALL_BLOCKS)

@@ -163,6 +163,12 @@ def _rows_range(read: Read, task: TensorTask, a: int, b: int, native: bool = Fal
         (b - a, *shape[1:]) if shape else (), native
 
 
+def _base_bytes_out(task: TensorTask, drop: bool, idx: list[int]) -> bool:
+    """Whether a block's output is the base's own bytes: no input differs from the base
+    there and the output keeps the base's dtype (a float32 round trip is exact)."""
+    return drop and not idx and task.base is not None and task.base.dtype == task.out_dtype
+
+
 def _block_inputs(task: TensorTask, drop: bool, a: int, b: int) -> list[int]:
     """The inputs that take part in rows [a, b): all, or (when inputs equal to the base
     add nothing) only those whose rows there differ from the base as far as the plan knows."""
@@ -219,7 +225,12 @@ def task_ranges(task: TensorTask, plan: Plan, block_bytes: int,
         return out
     drop = _drops(method, task)
     for a, b in _chunks(task, block_bytes):
-        block(a, b, _block_inputs(task, drop, a, b))
+        idx = _block_inputs(task, drop, a, b)
+        if _base_bytes_out(task, drop, idx):
+            read, start, nbytes, name, _, _ = _rows_range(task.base, task, a, b)
+            out.append((read, start, nbytes, name, None, False))   # as bytes
+        else:
+            block(a, b, idx)
     return out
 
 
@@ -304,8 +315,11 @@ def merge_task(task: TensorTask, plan: Plan, reader: BlockReader, writer: ShardW
     drop = _drops(method, task)
     shape = task.shape
     for a, b in _chunks(task, block_bytes):
-        base = reader.rows(task.base, shape, a, b, task.name, device) if task.base else None
         idx = _block_inputs(task, drop, a, b)
+        if _base_bytes_out(task, drop, idx):   # the base passes through as it is stored
+            writer.write(task.name, reader.rows_bytes(task.base, shape, a, b, task.name))
+            continue
+        base = reader.rows(task.base, shape, a, b, task.name, device) if task.base else None
         if drop and not idx:  # every delta is zero here: the output is the base
             with phases.time("encode"):
                 data = _to_bytes(base, task.out_dtype)

@@ -79,6 +79,18 @@ class BlockReader:
                       (b - a, *shape[1:]) if shape else (), native)
         return t.to(device)
 
+    def rows_bytes(self, read: Read, shape: tuple[int, ...], a: int, b: int,
+                   tensor: str) -> memoryview:
+        """Rows [a, b) as the file's bytes, checked finite: for output rows that are
+        the base unchanged, which then need no decode and no encode."""
+        row_bytes = row_split(shape, read.nbytes)[1]
+        buf = self._get(read, a * row_bytes, (b - a) * row_bytes, tensor, None)
+        if buf:
+            with self._time("verify"):
+                self._check_finite(torch.frombuffer(buf, dtype=torch_dtype(read.dtype)), read,
+                                   tensor)
+        return buf
+
     def _get(self, read: Read, start: int, nbytes: int, tensor: str | None,
              shape: tuple[int, ...] | None, native: bool = False) -> Any:
         """Bytes (``shape`` None) or rows: from the read-ahead thread when it was
@@ -202,6 +214,10 @@ class BlockReader:
         t = torch.frombuffer(buf, dtype=torch_dtype(read.dtype)).reshape(shape)
         if not (native and t.is_floating_point()):
             t = t.to(dtype=torch.float32)
+        self._check_finite(t, read, tensor)
+        return t
+
+    def _check_finite(self, t: torch.Tensor, read: Read, tensor: str) -> None:
         # any NaN/Inf makes the sum non-finite; only then pay for the elementwise check
         # (which also tells a true NaN/Inf from a sum that merely overflowed)
         if not self.allow_nonfinite and not bool(torch.isfinite(t.sum())) \
@@ -209,7 +225,6 @@ class BlockReader:
             name = self.sources[read.src].key
             raise MergePipeError(f"model {name!r} tensor {tensor!r} contains NaN or Inf "
                                  f"(pass --allow-nonfinite to merge anyway)")
-        return t
 
     def close(self) -> None:
         if self.ahead is not None:
