@@ -56,6 +56,7 @@ def measure(label: str, base: Path, reasoning: Path, n: int, seed: int, work: Pa
     live = _load(base)
     start_s = time.perf_counter() - t0
     rows = []
+    tensors = None   # as a resident evaluator does, each merge overwrites the last one's tensors
     for i, plan in enumerate(plans):
         out = work / f"{label}-cand{i}"
         t0 = time.perf_counter()
@@ -63,7 +64,7 @@ def measure(label: str, base: Path, reasoning: Path, n: int, seed: int, work: Pa
         t1 = time.perf_counter()
         fresh = _load(out)
         t2 = time.perf_counter()
-        tensors = merge_in_memory(plan)
+        tensors = merge_in_memory(plan, into=tensors)
         t3 = time.perf_counter()
         swap_weights(live, tensors)
         t4 = time.perf_counter()
@@ -72,7 +73,7 @@ def measure(label: str, base: Path, reasoning: Path, n: int, seed: int, work: Pa
                                                          fresh.state_dict().values()))
             if not same:
                 raise SystemExit(f"{label}: resident weights differ from the loaded checkpoint")
-        del fresh, tensors
+        del fresh
         shutil.rmtree(out)
         rows.append({"checkpoint_merge_write_s": t1 - t0, "checkpoint_load_s": t2 - t1,
                      "resident_merge_s": t3 - t2, "resident_swap_s": t4 - t3,

@@ -38,6 +38,25 @@ def test_in_memory_merge_is_byte_equal_to_the_applied_checkpoint(tiny_family, tm
                            ["model.layers.0.mlp.up_proj.weight"])
 
 
+def test_a_merge_into_the_last_ones_tensors_reuses_them_and_gives_the_same_bytes(
+        tiny_family, tmp_path):
+    with open_catalog(tmp_path / "ws") as cat:
+        first = api.build_plan(cat, _spec(tiny_family, "bfloat16"))
+        spec = _spec(tiny_family, "bfloat16")
+        spec["models"][1]["parameters"]["weight"] = 0.7
+        second = api.build_plan(cat, spec)
+    last = merge_in_memory(first)
+    kept = {k: v.clone() for k, v in last.items()}
+    again = merge_in_memory(second, into=last)
+    fresh = merge_in_memory(second)
+    assert all(again[k] is last[k] for k in again)          # no new tensors
+    assert all(torch.equal(again[k], fresh[k]) for k in fresh)
+    assert any(not torch.equal(again[k], kept[k]) for k in kept)   # really overwritten
+    # a tensor of another dtype or shape is not reused
+    other = merge_in_memory(first, into={k: v.float() for k, v in fresh.items()})
+    assert all(other[k].dtype == torch.bfloat16 for k in other)
+
+
 def test_swapping_into_a_live_model_equals_loading_from_disk(tiny_family, tmp_path):
     from transformers import AutoModelForCausalLM
     with open_catalog(tmp_path / "ws") as cat:

@@ -49,6 +49,7 @@ def swap_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> in
 
 
 _ENGINES: dict[tuple[str, str, str], Any] = {}
+_LAST_MERGE: dict[str, dict[str, torch.Tensor]] = {}   # this process's last in-memory merge
 
 
 def resident_engine(backend: str, model_dir: str, device: str) -> Any:
@@ -87,7 +88,10 @@ class ResidentJob:
             merge_s = engine.last_load.get("merge_s", 0.0)
             load_s = engine.last_load.get("load_s", 0.0)
         else:
-            tensors = merge_in_memory(self.plan, device=self.device)
+            # the last candidate's tensors are overwritten (they were copied into the model)
+            tensors = merge_in_memory(self.plan, device=self.device,
+                                      into=_LAST_MERGE.pop("tensors", None))
+            _LAST_MERGE["tensors"] = tensors
             t2 = time.time()
             swap_weights(live_module(engine), tensors)
             merge_s, load_s = t2 - t1, time.time() - t2
