@@ -117,6 +117,15 @@ class Streamer(Protocol):
     def merge(self, base: torch.Tensor, tensors: list[torch.Tensor]) -> torch.Tensor: ...
 
 
+def whole_tensor(stream: Streamer, base: torch.Tensor, tensors: list[torch.Tensor]) -> torch.Tensor:
+    """A streamer fed the whole tensor as its one block: the method's plain function,
+    so the streamed and whole-tensor results come from a single implementation."""
+    for p in range(stream.passes):
+        stream.observe(p, base, list(tensors))
+        stream.end_pass(p)
+    return stream.merge(base, tensors)
+
+
 def drops_base_equal_inputs(method: MergeMethod, params: dict[str, Any]) -> bool:
     """Whether an input equal to the base (zero delta) contributes exactly nothing.
 

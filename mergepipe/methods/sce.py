@@ -16,13 +16,15 @@ The whole-tensor function is the same stream over one block.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import torch
 
-from mergepipe.methods.base import MergeMethod, TensorContext, each, register
+from mergepipe.methods.base import MergeMethod, TensorContext, each, register, whole_tensor
 from mergepipe.methods.reduce import StreamTotal
-from mergepipe.methods.select import RankSelect, RankWindow, magnitude_bits, window_ranks
+from mergepipe.methods.select import (RankSelect, RankWindow, found_window, magnitude_bits,
+                                      window_ranks)
 
 
 VAR_STEP = 1 << 14   # columns per step (variance, election): cache-sized, spread over the cores
@@ -72,9 +74,7 @@ class SceStream:
     """
 
     def __init__(self, ctx: TensorContext, params: dict[str, Any], n_inputs: int):
-        self.numel = 1
-        for d in ctx.shape:
-            self.numel *= d
+        self.numel = math.prod(ctx.shape)
         self.n_inputs = n_inputs
         self.topk = float(params["select_topk"])
         self.selecting = 0 < self.topk < 1
@@ -101,19 +101,15 @@ class SceStream:
     def _selected(self, tvs: torch.Tensor) -> torch.Tensor:
         """The task vectors with the unselected entries zeroed (in place), as mergekit's
         float mask does it (a negative entry becomes -0.0)."""
-        if self.empty:
+        if self.empty or (self.selecting and self.window is None):   # nothing is selected
             return tvs.mul_(torch.zeros_like(tvs[0]).unsqueeze(0))
         if not self.selecting:
             return tvs
         var = variance(tvs)
-        keep = self.window.keep(magnitude_bits(var)) if self.window is not None else None
-        if keep is None and self.window is None:   # no entry is selected
-            mask = torch.zeros_like(var)
-        elif keep is None:
-            mask = torch.ones_like(var)
-        else:
-            mask = keep.ne(0).to(var.dtype).reshape(var.shape)
-        return tvs.mul_(mask.unsqueeze(0))
+        keep = self.window.keep(magnitude_bits(var))
+        if keep is None:   # the window holds every entry of this block
+            return tvs
+        return tvs.mul_(keep.ne(0).to(var.dtype).reshape(var.shape).unsqueeze(0))
 
     def observe(self, pass_no: int, base: torch.Tensor,
                 tensors: list[torch.Tensor | None]) -> None:
@@ -143,9 +139,7 @@ class SceStream:
             self.select.ranks = [r for r in self.ranks if r is not None] if k else []
         self.select.end_pass(pass_no)
         if pass_no == 1 and self.cut:
-            found = iter(self.select.boundaries)
-            lo, hi = (None if r is None else next(found) for r in self.ranks)
-            self.window = RankWindow(0, self.cut, lo, hi, self.numel, True)
+            self.window = found_window(self.select, self.ranks, 0, self.cut, self.numel, True)
 
     def merge(self, base: torch.Tensor, tensors: list[torch.Tensor]) -> torch.Tensor:
         """One row block: sign election and the energy-weighted average, per entry,
@@ -173,11 +167,8 @@ def sce(ctx: TensorContext, base: torch.Tensor | None, tensors: list[torch.Tenso
     assert base is not None
     if not tensors:
         return base
-    stream = SceStream(dataclasses.replace(ctx, shape=tuple(base.shape)), params, len(tensors))
-    for p in range(stream.passes):
-        stream.observe(p, base, list(tensors))
-        stream.end_pass(p)
-    return stream.merge(base, tensors)
+    return whole_tensor(SceStream(dataclasses.replace(ctx, shape=tuple(base.shape)), params,
+                                  len(tensors)), base, tensors)
 
 
 register(MergeMethod(

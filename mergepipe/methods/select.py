@@ -256,6 +256,15 @@ class RankWindow:
         return torch.ones_like(bits, dtype=torch.bool) if keep is None else keep.bool()
 
 
+def found_window(select: RankSelect, ranks: tuple[int | None, int | None], r0: int, r1: int,
+                 numel: int, descending: bool) -> RankWindow:
+    """The window of stable ranks [r0, r1) once ``select`` has found the values at
+    ``ranks`` (as :func:`window_ranks` gave them; None ends need no boundary)."""
+    found = iter(select.boundaries)
+    lo, hi = (None if r is None else next(found) for r in ranks)
+    return RankWindow(r0, r1, lo, hi, numel, descending)
+
+
 def window_ranks(numel: int, r0: int, r1: int, descending: bool) -> tuple[int | None, int | None]:
     """The ascending ranks of the lowest and highest kept values of the window of stable
     ranks [r0, r1); None where the window reaches the smallest or largest value (ties there

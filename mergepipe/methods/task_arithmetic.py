@@ -17,16 +17,18 @@ order, so results never depend on order, blocks or threads.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Literal
 
 import torch
 
 from mergepipe.errors import SpecError
-from mergepipe.methods.base import REQUIRED, MergeMethod, TensorContext, each, register
+from mergepipe.methods.base import (REQUIRED, MergeMethod, TensorContext, each, register,
+                                    whole_tensor)
 from mergepipe.methods.reduce import StreamTotal
-from mergepipe.methods.select import (RankSelect, RankWindow, apply_mask, magnitude_bits,
-                                      window_ranks)
+from mergepipe.methods.select import (RankSelect, RankWindow, apply_mask, found_window,
+                                      magnitude_bits, window_ranks)
 
 Sparsify = Literal["magnitude", "random", "magnitude_outliers", "della_magprune"] | None
 EPS = 1e-7
@@ -117,9 +119,8 @@ class _Ranked(_Sparsifier):
         else:
             self._finish_totals()
         if pass_no == 1:
-            found = iter(self.select.boundaries)
-            lo, hi = (None if r is None else next(found) for r in self.ranks)
-            self.window = RankWindow(self.r0, self.r1, lo, hi, self.numel, self.descending)
+            self.window = found_window(self.select, self.ranks, self.r0, self.r1, self.numel,
+                                       self.descending)
         elif pass_no > 1:
             self.window.rewind()   # the window counts ties as it goes: again for the merge
 
@@ -206,9 +207,7 @@ class FamilyStream:
     def __init__(self, family: "TaskArithmeticFamily", ctx: TensorContext,
                  params: dict[str, Any], n_inputs: int):
         self.family, self.params = family, params
-        numel = 1
-        for d in ctx.shape:
-            numel *= d
+        numel = math.prod(ctx.shape)
         self.inputs = [family.sparsifier(ctx, k, numel, params) for k in range(n_inputs)]
         self.passes = max((s.passes for s in self.inputs), default=0)
 
@@ -314,12 +313,8 @@ class TaskArithmeticFamily:
                  tensors: list[torch.Tensor], params: dict[str, Any]) -> torch.Tensor:
         """The whole tensor as one block of the stream."""
         assert base is not None
-        stream = self.stream(dataclasses.replace(ctx, shape=tuple(base.shape)), params,
-                             len(tensors))
-        for p in range(stream.passes):
-            stream.observe(p, base, tensors)
-            stream.end_pass(p)
-        return stream.merge(base, tensors)
+        return whole_tensor(self.stream(dataclasses.replace(ctx, shape=tuple(base.shape)),
+                                        params, len(tensors)), base, tensors)
 
     def stream(self, ctx: TensorContext, params: dict[str, Any], n_inputs: int) -> FamilyStream:
         return FamilyStream(self, ctx, params, n_inputs)
