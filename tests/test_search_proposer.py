@@ -40,3 +40,20 @@ def test_before_two_results_the_shared_design_continues():
     alg = make_algorithm("apbmm", space, 1, 10, 2)
     got = propose_points(alg, [[0.5] * 4], [[0.1, 0.2]], [], 2, 3)
     assert got == [alg.design()[3].tolist(), alg.design()[4].tolist()]
+
+
+def test_a_batch_asked_for_before_the_initial_design_is_handed_out_skips_that_design():
+    """With 4 workers and 8 initial points, the first batch is requested once trials
+    0-3 run, at trial 4; it is handed out after trials 4-7 (the design's fixed points),
+    so it must not repeat them — it once did, and every AP-BMM run spent 4 of its
+    evaluations on copies."""
+    space = LayerSpace(3)
+    alg = make_algorithm("apbmm", space, 8, 40, 0)
+    design = alg.design()
+    got = torch.tensor(propose_points(alg, [], [], design[:4].tolist(), 4, 4))
+    assert got.shape == (4, space.dim)
+    assert float(rms_distance(got, design[:8]).min()) >= DUPLICATE_TOL
+    assert got.tolist() == design[8:12].tolist()
+    # a point in flight is skipped too
+    again = propose_points(alg, [[0.5] * 4], [[0.1, 0.2]], design[8:9].tolist(), 2, 8)
+    assert again == design[9:11].tolist()

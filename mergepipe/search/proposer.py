@@ -18,6 +18,7 @@ from typing import Any, Sequence
 import torch
 
 from mergepipe.search.algorithms import Algorithm, History
+from mergepipe.search.rerank import DUPLICATE_TOL, rms_distance
 
 
 def propose_points(alg: Algorithm, X: Sequence[Sequence[float]], Y: Sequence[Sequence[float]],
@@ -27,12 +28,27 @@ def propose_points(alg: Algorithm, X: Sequence[Sequence[float]], Y: Sequence[Seq
                    torch.tensor(Y, dtype=torch.double).reshape(-1, 2),
                    torch.tensor(pending, dtype=torch.double).reshape(-1, alg.dim))
     if hist.X.shape[0] < 2:  # nothing to model yet: continue the shared design
-        return [alg.design()[trial + i].tolist() for i in range(n)]
+        return _continue_design(alg, hist, n, trial)
     try:
         return alg.propose(hist, n)[:n]
     except Exception as exc:  # a numerical failure must not end the search
         warnings.warn(f"proposal failed ({exc}); falling back to quasi-random points")
         return alg.fill([], hist, n)
+
+
+def _continue_design(alg: Algorithm, hist: History, n: int, trial: int) -> list[list[float]]:
+    """The shared design's points from ``trial`` on, never one of the fixed initial
+    points (a batch asked for early is handed out after them) nor one in flight."""
+    out: list[list[float]] = []
+    taken = hist.pending
+    for x in alg.design()[max(trial, alg.n_init):]:
+        if len(out) == n:
+            break
+        if taken.shape[0] and float(rms_distance(x[None], taken).min()) < DUPLICATE_TOL:
+            continue
+        out.append(x.tolist())
+        taken = torch.cat([taken, x[None]])
+    return out if len(out) == n else alg.fill(out, hist, n)
 
 
 class Proposer:
