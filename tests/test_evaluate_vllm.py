@@ -84,7 +84,11 @@ def test_a_merge_plan_swapped_into_the_live_engine_equals_the_applied_checkpoint
     with open_catalog(tmp_path / "ws") as cat:
         plan = api.build_plan(cat, spec)
         api.apply_plan(cat, plan, tmp_path / "merged")
+        spec["models"][0]["parameters"]["weight"] = [0.9, 0.1]
+        other = api.build_plan(cat, spec)
     before = _completions(vllm_engine, pair["task"], 20)
+    # another candidate first: the plan's merge then overwrites that one's tensors
+    assert vllm_engine.load_plan(other) == len(plan.tasks)
     assert vllm_engine.load_plan(plan) == len(plan.tasks)
     after = _completions(vllm_engine, pair["task"], 20)
     want = _completions(TransformersBackend(tmp_path / "merged", device="cpu"), pair["task"], 20)

@@ -69,13 +69,19 @@ def _engine_start() -> Iterator[None]:
             os.environ.pop(key, None)
 
 
+_LAST_MERGE: dict[str, dict[str, Any]] = {}   # the worker process's last merge
+
+
 def _load_plan_in_worker(worker: Any, plan: Any) -> tuple[int, float, float]:
     """Runs inside vLLM's worker: merge ``plan`` in memory and load it into the live model.
 
     Returns (tensors loaded, merge seconds, load seconds)."""
     from mergepipe.engine.memory import merge_in_memory
     t0 = time.perf_counter()
-    tensors = merge_in_memory(plan)
+    # the last candidate's tensors are overwritten: reload_weights copies what it is
+    # given into the model's own storage and keeps no reference once a layer is done
+    tensors = merge_in_memory(plan, into=_LAST_MERGE.pop("tensors", None))
+    _LAST_MERGE["tensors"] = tensors
     t1 = time.perf_counter()
     # in place, through vLLM's reload path: it redoes the post-load processing (on CPU
     # the linear weights are repacked after loading, so a plain load_weights cannot)
