@@ -53,15 +53,17 @@ def run_one(cat, home: Path, world: Path, algorithm: str, seed: int, args: argpa
     summary["bench_wall_s"] = time.time() - t0
     summary["seed"], summary["stretch_alpha"] = seed, stretch
     print(json.dumps({k: summary[k] for k in ("algorithm", "seed", "stretch_alpha", "trials",
-                                              "hypervolume", "wall_s", "utilisation")}),
+                                              "hypervolume", "wall_s", "utilisation",
+                                              "drain_idle")}),
           file=sys.stderr, flush=True)
     return summary
 
 
 def table(rows: list[dict], label: str) -> list[str]:
     out = [f"### {label}", "",
-           "| algorithm | runs | HV median | HV IQR | wall s (median) | utilisation (median) |",
-           "|---|---|---|---|---|---|"]
+           "| algorithm | runs | HV median | HV IQR | wall s (median) | utilisation (median) "
+           "| while work was left | idle after the last handout |",
+           "|---|---|---|---|---|---|---|---|"]
     by_alg: dict[str, list[dict]] = {}
     for r in rows:
         by_alg.setdefault(r["algorithm"], []).append(r)
@@ -69,7 +71,9 @@ def table(rows: list[dict], label: str) -> list[str]:
         q1, med, q3 = quartiles([r["hypervolume"] for r in rs])
         out.append(f"| {alg} | {len(rs)} | {med:.4f} | {q1:.4f}–{q3:.4f} | "
                    f"{statistics.median(r['wall_s'] for r in rs):.1f} | "
-                   f"{statistics.median(r['utilisation'] for r in rs):.0%} |")
+                   f"{statistics.median(r['utilisation'] for r in rs):.0%} | "
+                   f"{statistics.median(r['utilisation_while_work_left'] for r in rs):.0%} | "
+                   f"{statistics.median(r['drain_idle'] for r in rs):.0%} |")
     return out + [""]
 
 
@@ -154,7 +158,12 @@ def main() -> None:
                   f"{args.n_total} evaluations."]
     lines += ["", "Evaluations use the whole test split unless --limit is given; hypervolume is over "
               "the trials' own points (the two sources are not counted), reference point "
-              "(−0.2, −0.2); the grids do not depend on the seed. Evaluation workers are processes "
+              "(−0.2, −0.2); the grids do not depend on the seed. Utilisation is busy / "
+              "(workers × wall); 'while work was left' is the same up to the moment the last "
+              "trial was handed out, and 'idle after the last handout' is the share of worker "
+              "time spent with no trial left to run while the slowest ones finish (the "
+              "budget's drain, which no scheduler can fill without more evaluations). "
+              "Evaluation workers are processes "
               f"on the same cores as the coordinator. Machine: {machine()}.", "",
               "Command: `python " + " ".join(sys.argv) + "`"]
     text = "\n".join(lines)

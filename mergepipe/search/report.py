@@ -19,18 +19,34 @@ def session_of(worker: str | None) -> str:
 
 
 def timing(rows: list[dict[str, Any]], workers: int) -> dict[str, float]:
-    """Busy seconds, wall seconds (summed over sessions) and utilisation."""
-    spans: dict[str, list[Any]] = defaultdict(list)
+    """Busy seconds, wall seconds (summed over sessions), utilisation, and the share
+    of worker time idle after the last trial was handed out.
+
+    That last share is the budget's drain: once every trial is out, a worker that
+    finishes has nothing left to run while the slowest evaluations end, whatever
+    the scheduler does. ``utilisation_while_work_left`` is the utilisation before
+    it, the part the coordinator answers for.
+    """
+    spans: dict[str, list[tuple[Any, Any, Any]]] = defaultdict(list)
     busy = 0.0
     for r in rows:
         if r["status"] in trials.FINISHED and r["started_at"] and r["finished_at"]:
             busy += (r["finished_at"] - r["started_at"]).total_seconds()
             spans[session_of(r["worker"])].append((r["submitted_at"] or r["started_at"],
-                                                   r["finished_at"]))
-    wall = sum((max(f for _, f in s) - min(a for a, _ in s)).total_seconds()
-               for s in spans.values())
+                                                   r["started_at"], r["finished_at"]))
+    wall = before_wall = before_busy = 0.0
+    for s in spans.values():
+        start, end = min(a for a, _, _ in s), max(f for _, _, f in s)
+        last_out = max(a for a, _, _ in s)
+        wall += (end - start).total_seconds()
+        before_wall += (last_out - start).total_seconds()
+        before_busy += sum(max(0.0, (min(f, last_out) - b).total_seconds()) for _, b, f in s)
+    drain = workers * (wall - before_wall) - (busy - before_busy)
     return {"busy_s": busy, "wall_s": wall,
-            "utilisation": busy / (workers * wall) if wall > 0 else 0.0}
+            "utilisation": busy / (workers * wall) if wall > 0 else 0.0,
+            "drain_idle": drain / (workers * wall) if wall > 0 else 0.0,
+            "utilisation_while_work_left": (before_busy / (workers * before_wall)
+                                            if before_wall > 0 else 0.0)}
 
 
 def finished_points(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -77,6 +93,8 @@ def summarise(cat: Catalog, search_id: str) -> dict[str, Any]:
         "hypervolume": hypervolume([[r["f_acc"], r["f_cost"]] for r in pts], REF_POINT),
         "pareto": len(pareto_trials(rows, source_points(s))),
         "utilisation": t["utilisation"], "wall_s": t["wall_s"], "busy_s": t["busy_s"],
+        "drain_idle": t["drain_idle"],
+        "utilisation_while_work_left": t["utilisation_while_work_left"],
         "workers": s["config"].get("workers"),
         "created_at": s["created_at"], "finished_at": s["finished_at"],
     }
