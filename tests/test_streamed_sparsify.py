@@ -260,6 +260,25 @@ def test_sce_stream_equals_mergekit_above_the_grain(topk):
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
 
 
+def test_sce_merge_pass_reuses_the_selection_instead_of_the_variances(monkeypatch):
+    """The energy pass keeps each block's selection as bits; the merge pass applies
+    them, so variances are computed in the three statistics passes only, and the
+    result is what recomputing them gave (the whole tensor as one block)."""
+    from mergepipe.methods import sce
+
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(90, 70, generator=g)
+    inputs = [base + 0.01 * torch.randint(-3, 4, (90, 70), generator=g).float()
+              for _ in range(3)]   # many tied variances
+    pieces = _pieces(90, g)
+    calls = []
+    real = sce.variance
+    monkeypatch.setattr(sce, "variance", lambda tvs: calls.append(1) or real(tvs))
+    got = _sce_streamed(base, inputs, 0.4, pieces)
+    assert len(calls) == 3 * len(pieces)
+    assert torch.equal(got, _sce_streamed(base, inputs, 0.4, [(0, 90)]))
+
+
 def test_sce_keeps_the_earliest_of_tied_variances():
     """Where variances tie at the cut, the first entries in flat order are selected."""
     g = torch.Generator().manual_seed(2)

@@ -9,8 +9,10 @@ The selection and the weights are whole-tensor facts, gathered in statistics
 passes over row blocks (:class:`SceStream`): pass 0 counts the nonzero
 variances and histograms them, pass 1 refines the histogram to the exact
 variance at the cut (:mod:`.select`), the last pass sums each expert's
-squared selected task vector. Each block's variances and sign election are
-per entry, so a block computes exactly what the whole tensor would there.
+squared selected task vector and keeps each block's selection as a bit mask
+(an eighth of a byte per entry), so the merge pass needs no variances. Each
+block's variances and sign election are per entry, so a block computes exactly
+what the whole tensor would there.
 The whole-tensor function is the same stream over one block.
 """
 from __future__ import annotations
@@ -19,6 +21,7 @@ import dataclasses
 import math
 from typing import Any
 
+import numpy as np
 import torch
 
 from mergepipe.methods.base import MergeMethod, TensorContext, each, register, whole_tensor
@@ -87,6 +90,9 @@ class SceStream:
         self.energy = [StreamTotal(self.numel) for _ in range(n_inputs)]
         self.weights: torch.Tensor | None = None
         self.passes = 3 if self.selecting else 1
+        # the last statistics pass's selection per block, packed, for the merge pass
+        self.masks: list[np.ndarray | None] = []
+        self.replayed = 0
 
     def wanted(self, pass_no: int) -> list[bool]:
         return [True] * self.n_inputs
@@ -98,18 +104,33 @@ class SceStream:
             torch.sub(t, base, out=tvs[k])
         return tvs
 
-    def _selected(self, tvs: torch.Tensor) -> torch.Tensor:
+    def _selected(self, tvs: torch.Tensor, replay: bool = False) -> torch.Tensor:
         """The task vectors with the unselected entries zeroed (in place), as mergekit's
-        float mask does it (a negative entry becomes -0.0)."""
+        float mask does it (a negative entry becomes -0.0).
+
+        The energy pass computes each block's selection and keeps it; the merge
+        pass (``replay``) takes it back in the same block order."""
         if self.empty or (self.selecting and self.window is None):   # nothing is selected
             return tvs.mul_(torch.zeros_like(tvs[0]).unsqueeze(0))
         if not self.selecting:
             return tvs
-        var = variance(tvs)
-        keep = self.window.keep(magnitude_bits(var))
-        if keep is None:   # the window holds every entry of this block
-            return tvs
-        return tvs.mul_(keep.ne(0).to(var.dtype).reshape(var.shape).unsqueeze(0))
+        numel = tvs[0].numel()
+        if replay:
+            packed = self.masks[self.replayed]
+            self.replayed += 1
+            if packed is None:   # the window held every entry of this block
+                return tvs
+            if packed.size != (numel + 7) // 8:
+                raise RuntimeError("the SCE merge pass saw other blocks than its statistics pass")
+            keep = torch.from_numpy(np.unpackbits(packed, count=numel).view(np.bool_))
+        else:
+            kept = self.window.keep(magnitude_bits(variance(tvs)))
+            if kept is None:
+                self.masks.append(None)
+                return tvs
+            keep = kept.ne(0)
+            self.masks.append(np.packbits(keep.cpu().numpy()))
+        return tvs.mul_(keep.to(tvs.device, tvs.dtype).reshape(tvs.shape[1:]).unsqueeze(0))
 
     def observe(self, pass_no: int, base: torch.Tensor,
                 tensors: list[torch.Tensor | None]) -> None:
@@ -128,8 +149,6 @@ class SceStream:
         if pass_no == self.passes - 1:
             means = torch.stack([e.result() for e in self.energy]) / self.numel
             self.weights = _energy_weights(means)
-            if self.window is not None:
-                self.window.rewind()   # the merge pass counts the ties again
             return
         if pass_no == 0:
             # mergekit's count: int64 tensor times a float, in float32
@@ -144,7 +163,7 @@ class SceStream:
     def merge(self, base: torch.Tensor, tensors: list[torch.Tensor]) -> torch.Tensor:
         """One row block: sign election and the energy-weighted average, per entry,
         in cache-sized column steps over the cores (each column is computed alone)."""
-        tvs = self._selected(self._task_vectors(base, tensors))
+        tvs = self._selected(self._task_vectors(base, tensors), replay=True)
         flat, base_flat = tvs.reshape(tvs.shape[0], -1), base.reshape(-1)
         merged = torch.empty_like(base_flat)
         weights = self.weights.reshape(-1, 1)
