@@ -260,23 +260,29 @@ def test_sce_stream_equals_mergekit_above_the_grain(topk):
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
 
 
-def test_sce_merge_pass_reuses_the_selection_instead_of_the_variances(monkeypatch):
-    """The energy pass keeps each block's selection as bits; the merge pass applies
-    them, so variances are computed in the three statistics passes only, and the
-    result is what recomputing them gave (the whole tensor as one block)."""
+@pytest.mark.parametrize("notes", [True, False])
+def test_sce_computes_variances_only_to_find_the_cut(notes, monkeypatch):
+    """Pass 1 notes each entry against the cut's bin, so the energy and merge passes
+    apply the kept selection: variances are computed in passes 0 and 1 only. With
+    the bin too full to note (``notes`` False) the energy pass computes them once more
+    and keeps the selection for the merge pass. Either way the bytes are those of
+    the whole tensor as one block, with many tied variances at the cut."""
     from mergepipe.methods import sce
 
+    if not notes:
+        monkeypatch.setattr(sce, "BIN_NOTES_BYTES", 0)
     g = torch.Generator().manual_seed(5)
     base = torch.randn(90, 70, generator=g)
     inputs = [base + 0.01 * torch.randint(-3, 4, (90, 70), generator=g).float()
-              for _ in range(3)]   # many tied variances
+              for _ in range(3)]
     pieces = _pieces(90, g)
+    want = _sce_streamed(base, inputs, 0.4, [(0, 90)])
     calls = []
     real = sce.variance
     monkeypatch.setattr(sce, "variance", lambda tvs: calls.append(1) or real(tvs))
     got = _sce_streamed(base, inputs, 0.4, pieces)
-    assert len(calls) == 3 * len(pieces)
-    assert torch.equal(got, _sce_streamed(base, inputs, 0.4, [(0, 90)]))
+    assert len(calls) == (2 if notes else 3) * len(pieces)
+    assert torch.equal(got, want)
 
 
 def test_sce_keeps_the_earliest_of_tied_variances():

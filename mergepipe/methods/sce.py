@@ -9,10 +9,12 @@ The selection and the weights are whole-tensor facts, gathered in statistics
 passes over row blocks (:class:`SceStream`): pass 0 counts the nonzero
 variances and histograms them, pass 1 refines the histogram to the exact
 variance at the cut (:mod:`.select`), the last pass sums each expert's
-squared selected task vector and keeps each block's selection as a bit mask
-(an eighth of a byte per entry), so the merge pass needs no variances. Each
-block's variances and sign election are per entry, so a block computes exactly
-what the whole tensor would there.
+squared selected task vector. The selection is kept per block as a bit mask
+(an eighth of a byte per entry), so later passes need no variances: pass 1
+already notes which entries lie above the cut's histogram bin and the low bits
+of those inside it, enough to place each entry against the cut once it is known.
+Each block's variances and sign election are per entry, so a block computes
+exactly what the whole tensor would there.
 The whole-tensor function is the same stream over one block.
 """
 from __future__ import annotations
@@ -31,6 +33,9 @@ from mergepipe.methods.select import (RankSelect, RankWindow, found_window, magn
 
 
 VAR_STEP = 1 << 14   # columns per step (variance, election): cache-sized, spread over the cores
+# pass 1 keeps the low bits of the variances in the cut's bin (2 bytes each) up to this
+# much; a bin fuller than that (variances tied in bulk) has them recomputed instead
+BIN_NOTES_BYTES = 64 << 20
 
 
 def variance(tvs: torch.Tensor) -> torch.Tensor:
@@ -90,9 +95,11 @@ class SceStream:
         self.energy = [StreamTotal(self.numel) for _ in range(n_inputs)]
         self.weights: torch.Tensor | None = None
         self.passes = 3 if self.selecting else 1
-        # the last statistics pass's selection per block, packed, for the merge pass
+        # each block's selection, packed (None: the block keeps every entry), in block order
         self.masks: list[np.ndarray | None] = []
         self.replayed = 0
+        self.cut_bin: int | None = None     # pass 1 notes entries against this bin
+        self.notes: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]] = []
 
     def wanted(self, pass_no: int) -> list[bool]:
         return [True] * self.n_inputs
@@ -108,11 +115,11 @@ class SceStream:
         """The task vectors with the unselected entries zeroed (in place), as mergekit's
         float mask does it (a negative entry becomes -0.0).
 
-        The energy pass computes each block's selection and keeps it; the merge
-        pass (``replay``) takes it back in the same block order."""
+        ``replay`` takes each block's kept selection back in block order;
+        otherwise it is computed from the variances and kept."""
         if self.empty or (self.selecting and self.window is None):   # nothing is selected
             return tvs.mul_(torch.zeros_like(tvs[0]).unsqueeze(0))
-        if not self.selecting:
+        if not self.selecting or not self.window.cuts:   # every entry is selected
             return tvs
         numel = tvs[0].numel()
         if replay:
@@ -121,27 +128,59 @@ class SceStream:
             if packed is None:   # the window held every entry of this block
                 return tvs
             if packed.size != (numel + 7) // 8:
-                raise RuntimeError("the SCE merge pass saw other blocks than its statistics pass")
+                raise RuntimeError("an SCE pass saw other blocks than its statistics passes")
             keep = torch.from_numpy(np.unpackbits(packed, count=numel).view(np.bool_))
         else:
-            kept = self.window.keep(magnitude_bits(variance(tvs)))
-            if kept is None:
-                self.masks.append(None)
+            keep = self._keep(self.window.keep(magnitude_bits(variance(tvs))))
+            if keep is None:
                 return tvs
-            keep = kept.ne(0)
-            self.masks.append(np.packbits(keep.cpu().numpy()))
         return tvs.mul_(keep.to(tvs.device, tvs.dtype).reshape(tvs.shape[1:]).unsqueeze(0))
+
+    def _keep(self, kept: torch.Tensor | None) -> torch.Tensor | None:
+        """A block's int32 keep-mask as a boolean one, packed into :attr:`masks`."""
+        if kept is None:
+            self.masks.append(None)
+            return None
+        keep = kept.ne(0)
+        self.masks.append(np.packbits(keep.cpu().numpy()))
+        return keep
+
+    def _note(self, bits: torch.Tensor) -> None:
+        """Pass 1: which entries lie above the cut's bin, and the low bits of those in it."""
+        high = bits >> 16
+        above, inside = high > self.cut_bin, high == self.cut_bin
+        self.notes.append((bits.numel(), np.packbits(above.cpu().numpy()),
+                           np.packbits(inside.cpu().numpy()),
+                           (bits[inside] & 0xFFFF).cpu().numpy().astype(np.uint16)))
+
+    def _masks_from_notes(self) -> None:
+        """Each block's selection from its pass-1 notes, now that the cut is known.
+
+        Stand-in bit patterns order exactly as the variances do against the cut
+        (above its bin: a pattern above the bin; below: 0; inside: the real one),
+        so the window, fed the blocks in order, keeps what it would have kept."""
+        b = self.cut_bin
+        for n, above, inside, low in self.notes:
+            stand_in = torch.zeros(n, dtype=torch.int32)
+            stand_in[torch.from_numpy(np.unpackbits(above, count=n).view(np.bool_))] = (b + 1) << 16
+            stand_in[torch.from_numpy(np.unpackbits(inside, count=n).view(np.bool_))] = \
+                torch.from_numpy(low.astype(np.int32)) | (b << 16)
+            self._keep(self.window.keep(stand_in))
+        self.notes.clear()
 
     def observe(self, pass_no: int, base: torch.Tensor,
                 tensors: list[torch.Tensor | None]) -> None:
         tvs = self._task_vectors(base, tensors)   # every input is wanted in every pass
         if pass_no < self.passes - 1:             # the variance cut
             var = variance(tvs)
+            bits = magnitude_bits(var)
             if pass_no == 0:
                 self.nonzero += int(torch.count_nonzero(var))
-            self.select.observe(pass_no, magnitude_bits(var))
+            elif self.cut_bin is not None:
+                self._note(bits)
+            self.select.observe(pass_no, bits)
             return
-        selected = self._selected(tvs)
+        selected = self._selected(tvs, replay=self.cut_bin is not None)
         for k in range(self.n_inputs):
             self.energy[k].add(selected[k].square())
 
@@ -149,6 +188,7 @@ class SceStream:
         if pass_no == self.passes - 1:
             means = torch.stack([e.result() for e in self.energy]) / self.numel
             self.weights = _energy_weights(means)
+            self.replayed = 0            # the merge pass takes the selection back again
             return
         if pass_no == 0:
             # mergekit's count: int64 tensor times a float, in float32
@@ -157,8 +197,14 @@ class SceStream:
             self.ranks = window_ranks(self.numel, 0, k, True) if k else (None, None)
             self.select.ranks = [r for r in self.ranks if r is not None] if k else []
         self.select.end_pass(pass_no)
+        if pass_no == 0 and len(self.select.bins) == 1:
+            b = next(iter(self.select.bins))
+            if b < 0x7FFF and 2 * int(self.select.hist[b]) <= BIN_NOTES_BYTES:
+                self.cut_bin = b
         if pass_no == 1 and self.cut:
             self.window = found_window(self.select, self.ranks, 0, self.cut, self.numel, True)
+            if self.cut_bin is not None:
+                self._masks_from_notes()
 
     def merge(self, base: torch.Tensor, tensors: list[torch.Tensor]) -> torch.Tensor:
         """One row block: sign election and the energy-weighted average, per entry,
