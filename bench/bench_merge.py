@@ -61,6 +61,9 @@ def _mergepipe(home: Path, cfg: Path, out: Path, models: list[Path], *extra: str
     drop_cache(*models)
     res = run_measured(mergepipe_cmd(home, "apply", cfg, "--out", out, "--json", *extra))
     info = json.loads(res["stdout"].strip().splitlines()[-1])
+    if info.get("reused"):   # a copy of an earlier commit of this plan, not a merge
+        raise SystemExit(f"{out}: apply reused the commit at {info.get('reused_from')}; "
+                         f"delete that output so the plan is merged again")
     return {"wall_s": res["wall_s"], "peak_rss": res["peak_rss"], "read_bytes": res["read_bytes"],
             "bytes_written": info["bytes_written"], "reader_base": info["bytes_read"]["base"],
             "reader_experts": info["bytes_read"]["experts"], "engine_wall_s": info["wall_s"],
