@@ -14,7 +14,7 @@ import pytest
 
 from mergepipe import api
 
-HEAVY = ("torch", "transformers", "botorch", "safetensors.torch")
+HEAVY = ("torch", "transformers", "botorch", "safetensors.torch", "numba")
 
 PROBE = """
 import atexit, json, sys

@@ -72,6 +72,7 @@ def test_peak_rss_of_apply_is_bounded_by_blocks(method, family, tmp_path):
         with api.open_catalog({str(tmp_path / 'ws')!r}) as cat:
             plan = api.build_plan(cat, {spec!r})
             import torch; torch.zeros(1) + 1  # warm the allocator and kernels
+            from mergepipe.methods.kernels import warm; warm()  # numba's compiled loops too
             torch.set_num_threads(1)  # the machine may be shared: keep the run short
             before = status('VmRSS')
             res = api.apply_plan(cat, plan, {str(tmp_path / 'out')!r}, block_bytes={BLOCK})

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from mergepipe.methods.kernels import high_histogram, low_bits_in_bins
 from mergepipe.methods.reduce import CHUNK, GRAIN, StreamTotal, total
 from mergepipe.methods.select import RankSelect, RankWindow, magnitude_bits, window_ranks
 from tests.conftest import make_llama
@@ -66,6 +67,57 @@ def test_rank_window_keeps_what_a_stable_sort_keeps(n):
             want = _stable_mask(x, r0, r1, descending)
             assert torch.equal(got, want), (n, r0, r1, descending, counted)
             assert int(got.sum()) == r1 - r0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
+def test_compiled_selection_loops_count_what_torch_counts(dtype):
+    """The numba loops of the statistics passes against the torch operations they
+    replace: the high-bit histogram and the low bits of a bin, from (x, base) pairs
+    or from bit patterns, on blocks with zeros, -0.0 and ties."""
+    g = torch.Generator().manual_seed(3)
+    n = 40_000
+    base = torch.randn(n, generator=g) * 0.02
+    x = (base + torch.randn(n, generator=g) * 1e-3).to(dtype)
+    x[::7] = base[::7].to(dtype)            # deltas that round to zero (or not)
+    x[::11] = -0.0
+    bits = magnitude_bits(torch.sub(x, base))
+    hist = torch.zeros(1 << 15, dtype=torch.int64)
+    for a, b in [(0, 0), (0, 123), (123, n)]:
+        high_histogram(x[a:b], base[a:b], hist)
+    assert torch.equal(hist, torch.bincount(bits >> 16, minlength=1 << 15))
+    from_bits = torch.zeros(1 << 15, dtype=torch.int64)
+    high_histogram(bits, None, from_bits)
+    assert torch.equal(from_bits, hist)
+    busiest, top = int(hist.argmax()), int((bits >> 16).max())
+    for src, b in ((x, base), (bits, None)):
+        for hi, low in zip([busiest, top, 0x7FFF], low_bits_in_bins(src, b, [busiest, top, 0x7FFF])):
+            want = (bits[(bits >> 16) == hi] & 0xFFFF).long()
+            assert torch.equal(low, want)   # in flat order
+    with pytest.raises(TypeError, match="int32"):
+        high_histogram(x, None, hist)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_selection_from_inputs_finds_the_boundaries_of_their_deltas(dtype):
+    """RankSelect fed (x, base) blocks, as TIES feeds it, finds what it finds from the
+    deltas' bit patterns, block tie counts included."""
+    g = torch.Generator().manual_seed(5)
+    n = 30_000
+    base = (torch.randn(n, generator=g) * 0.02).to(dtype).float()
+    x = (base + torch.randint(-3, 4, (n,), generator=g) * 2.0 ** -10).to(dtype)
+    pieces = _pieces(n, g)
+    found = []
+    for pair in (True, False):
+        select = RankSelect([n // 3, n - 5])
+        for p in range(2):
+            for a, b in pieces:
+                if pair:
+                    select.observe(p, x[a:b], base[a:b])
+                else:
+                    select.observe(p, magnitude_bits(torch.sub(x[a:b], base[a:b])))
+            select.end_pass(p)
+        found.append(select.boundaries)
+    assert found[0] == found[1]
 
 
 @pytest.mark.parametrize("n", [0, 5, GRAIN - 1, GRAIN, GRAIN + 5, 5 * CHUNK, 7 * CHUNK + 3,

@@ -15,9 +15,11 @@ torch's unstable ``argsort``, whose order among equal values is an accident of
 the sort algorithm, so outputs can differ only on entries whose magnitude
 equals a boundary value (never when magnitudes are distinct).
 
-The per-block work is integer arithmetic on the bit patterns (a comparison is
-a subtraction and a sign shift, a mask is a bitwise and): torch's boolean
-tensors cost several times more per element on CPU.
+The two statistics passes run as compiled loops (:mod:`.kernels`) that take
+``|x − base|`` without writing a delta. The merge pass's per-block work is
+integer arithmetic on the bit patterns (a comparison is a subtraction and a
+sign shift, a mask is a bitwise and): torch's boolean tensors cost several
+times more per element on CPU.
 """
 from __future__ import annotations
 
@@ -87,16 +89,19 @@ class RankSelect:
         self.blocks: dict[int, list[tuple[torch.Tensor, torch.Tensor] | None]] = {}
         self.boundaries: list[Boundary] = []
 
-    def observe(self, pass_no: int, bits: torch.Tensor) -> None:
+    def observe(self, pass_no: int, src: torch.Tensor, base: torch.Tensor | None = None) -> None:
+        """One block of magnitudes: ``|src − base|`` in float32, or ``src`` itself as
+        int32 bit patterns (:func:`magnitude_bits`) when ``base`` is None."""
         if self.ranks == []:
             return
+        # numba (~0.6 s and ~130 MiB to import) loads with the first selection, not per command
+        from mergepipe.methods.kernels import high_histogram, low_bits_in_bins
         if pass_no == 0:
-            self.hist += torch.bincount(bits >> 16, minlength=HI_BINS)
+            high_histogram(src, base, self.hist)
             return
-        for b in self.bins:
-            # low 16 bits of the entries in bin b, the others clamped to two spare bins
-            low = torch.sub(bits, (b << 16) - 1).clamp_(0, LO_BINS + 1)
-            counts = torch.bincount(low, minlength=LO_BINS + 2)[1:LO_BINS + 1]
+        bins = list(self.bins)
+        for b, low in zip(bins, low_bits_in_bins(src, base, bins)):
+            counts = torch.bincount(low, minlength=LO_BINS)
             self.low[b] += counts
             present = counts.nonzero().squeeze(1)
             self.blocks[b].append(None if present.numel() > TIE_VALUES else

@@ -48,6 +48,10 @@ class _Sparsifier:
     def observe(self, pass_no: int, delta: torch.Tensor) -> None:
         pass
 
+    def observe_input(self, pass_no: int, x: torch.Tensor, base: torch.Tensor) -> None:
+        """One block of this input (its delta is ``x − base``)."""
+        self.observe(pass_no, torch.sub(x, base))
+
     def observe_zeros(self, pass_no: int, like: torch.Tensor) -> None:
         """A block where this input equals the base (its delta is zero)."""
         self.observe(pass_no, torch.zeros_like(like))
@@ -106,6 +110,12 @@ class _Ranked(_Sparsifier):
             self.select.observe(pass_no, magnitude_bits(delta))
         else:
             self._totals(delta, self.keep_unscaled(delta.clone()))
+
+    def observe_input(self, pass_no: int, x: torch.Tensor, base: torch.Tensor) -> None:
+        if pass_no < 2:   # the selection's loops take |x − base| without a delta tensor
+            self.select.observe(pass_no, x, base)
+        else:
+            super().observe_input(pass_no, x, base)
 
     def observe_zeros(self, pass_no: int, like: torch.Tensor) -> None:
         if pass_no < 2:
@@ -221,7 +231,7 @@ class FamilyStream:
             if x is base:
                 s.observe_zeros(pass_no, base)
             else:
-                s.observe(pass_no, torch.sub(x, base))
+                s.observe_input(pass_no, x, base)
         each(one, [(s, x) for s, x in zip(self.inputs, tensors) if pass_no < s.passes])
 
     def end_pass(self, pass_no: int) -> None:
