@@ -97,6 +97,45 @@ def test_compiled_selection_loops_count_what_torch_counts(dtype):
         high_histogram(x, None, hist)
 
 
+@pytest.mark.parametrize("n_inputs", [1, 2, 3, 8, 16, 17])
+def test_compiled_consensus_has_the_torch_codes_bits(n_inputs):
+    """The merge pass's loops against the torch code they stand in for, bit for bit:
+    sign election, the weight-normalised or plain sum, lambda, with mixed-sign weights
+    and exact cancellations. Above CONSENSUS_MAX_INPUTS, and in a slice's last
+    columns, torch sums in another order and the loop leaves them to it (a torch
+    whose order changes fails here, not in a merge)."""
+    from mergepipe.methods.kernels import CONSENSUS_MAX_INPUTS, consensus_merge, kept_delta
+    from mergepipe.methods.task_arithmetic import _consensus
+
+    g = torch.Generator().manual_seed(n_inputs)
+    n = 70_001
+    d = torch.randn(n_inputs, n, generator=g) * 1e-2
+    d[torch.rand(d.shape, generator=g) < 0.5] = 0
+    d[:, :300] = torch.randint(-2, 3, (n_inputs, 300), generator=g).float() * 0.5
+    base = torch.randn(n, generator=g)
+    for weights in ([0.3] * n_inputs, torch.linspace(-1, 1, n_inputs).tolist()):
+        w = torch.tensor(weights)
+        dw = d * w.reshape(-1, 1)
+        for normalize, lam in itertools.product((True, False), (1.0, 0.7)):
+            mixed, divisor = _consensus(dw, w.reshape(-1, 1), normalize)
+            want = base + (mixed / divisor if normalize else mixed) * lam if lam != 1 else \
+                base + (mixed / divisor if normalize else mixed)
+            got = torch.full((n,), float("nan"))
+            done = consensus_merge(dw, w, base, slice(5, n), normalize, lam, got)
+            assert done == (n - 5) // 64 * 64 * (n_inputs <= CONSENSUS_MAX_INPUTS)
+            assert got[:5].isnan().all() and got[5 + done:].isnan().all()
+            assert torch.equal(got[5:5 + done].view(torch.int32),
+                               want[5:5 + done].view(torch.int32))
+    x = (base + d[0]).bfloat16()
+    bits = magnitude_bits(torch.sub(x, base))
+    for threshold in (0, int(bits.median()), 1 << 31 - 1):
+        got = torch.empty(n)
+        assert kept_delta(x, base, threshold, -0.7, got)
+        want = torch.sub(x, base)
+        want[bits < threshold] = 0.0
+        assert torch.equal(got.view(torch.int32), (want * -0.7).view(torch.int32))
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_selection_from_inputs_finds_the_boundaries_of_their_deltas(dtype):
     """RankSelect fed (x, base) blocks, as TIES feeds it, finds what it finds from the

@@ -1,5 +1,6 @@
-"""Compiled loops for the per-entry work of the rank-selection passes.
+"""Compiled loops for the per-entry work of TIES-style merges.
 
+The statistics passes. 
 Finding a magnitude threshold exactly (:mod:`.select`) visits every entry of
 every input twice: once to count the high 16 bits of ``|x − base|`` and once
 to pick out the low 16 bits of the entries in the boundary bin. As torch
@@ -9,6 +10,13 @@ with the subtraction fused, so no float32 delta is written for a statistics
 pass. Integer counts and IEEE float32 subtraction give the same answer on
 every CPU and instruction set, so results are exactly those of the torch
 operations they replace (tests compare the two).
+
+The merge pass. Per input, one loop writes the kept, weighted delta
+(:func:`kept_delta`) where torch needs five operations; then one loop per
+column step elects signs and averages (:func:`consensus_merge`), summing over
+the inputs in their order as torch's ``sum(dim=0)`` does in its main loop for
+up to :data:`CONSENSUS_MAX_INPUTS` inputs; the torch code runs for more inputs
+and for a step's last columns, which torch sums in another order.
 
 Sources: bfloat16 inputs (read as their 16-bit patterns) or float32 inputs
 against a float32 base; or int32 magnitude bit patterns already computed
@@ -155,6 +163,107 @@ def low_bits_in_bins(src: torch.Tensor, base: torch.Tensor | None,
     return out
 
 
+@njit(nogil=True, cache=True)
+def _kept_bf16(x: np.ndarray, base: np.ndarray, threshold: int, weight: np.float32,
+               out: np.ndarray) -> None:
+    for i in range(x.size):
+        v = np.uint32(np.uint32(x[i]) << np.uint32(16)).view(np.float32)
+        d = np.float32(v - base[i])
+        keep = np.float32(abs(d)).view(np.int32) >= threshold
+        out[i] = (d if keep else np.float32(0.0)) * weight
+
+
+@njit(nogil=True, cache=True)
+def _kept_f32(x: np.ndarray, base: np.ndarray, threshold: int, weight: np.float32,
+              out: np.ndarray) -> None:
+    for i in range(x.size):
+        d = np.float32(x[i] - base[i])
+        keep = np.float32(abs(d)).view(np.int32) >= threshold
+        out[i] = (d if keep else np.float32(0.0)) * weight
+
+
+def kept_delta(x: torch.Tensor, base: torch.Tensor, threshold: int, weight: float,
+               out: torch.Tensor) -> bool:
+    """``out = (x − base) · weight`` where ``|x − base|``'s bit pattern is at least
+    ``threshold``, +0.0 elsewhere (in float32, as torch's sub, mask and multiply give).
+    False, with ``out`` untouched, for inputs the loops do not take."""
+    if x.dtype not in (torch.bfloat16, torch.float32) or base.dtype != torch.float32 \
+            or out.dtype != torch.float32 or x.device.type != "cpu" \
+            or not (x.is_contiguous() and base.is_contiguous() and out.is_contiguous()):
+        return False
+    w = np.float32(weight)
+    if x.dtype == torch.bfloat16:
+        _kept_bf16(_flat(x), _flat(base), threshold, w, _flat(out))
+    else:
+        _kept_f32(_flat(x), _flat(base), threshold, w, _flat(out))
+    return True
+
+
+CONSENSUS_MAX_INPUTS = 16   # torch's sum(dim=0) adds rows in order up to here (tested)
+# torch's sum(dim=0) adds rows in order in its main loop, which takes 4 vectors of
+# columns at a time (32 columns with AVX2, 64 with AVX-512); a slice's last columns
+# go through other loops
+TORCH_ROW_ORDER_COLUMNS = 64
+_COLUMN_CHUNK = 2048        # columns whose running sums stay in L1
+
+
+@njit(nogil=True, cache=True)
+def _consensus(d: np.ndarray, w: np.ndarray, base: np.ndarray, a: int, b: int,
+               normalize: bool, lam: np.float32, out: np.ndarray) -> None:
+    # branch-free bodies, so that the column loops vectorise
+    k_inputs = d.shape[0]
+    total = np.empty(_COLUMN_CHUNK, dtype=np.float32)
+    mixed = np.empty(_COLUMN_CHUNK, dtype=np.float32)
+    weight = np.empty(_COLUMN_CHUNK, dtype=np.float32)
+    one = np.float32(1.0)
+    zero = np.float32(0.0)
+    for c0 in range(a, b, _COLUMN_CHUNK):
+        m = min(_COLUMN_CHUNK, b - c0)
+        total[:m] = zero
+        mixed[:m] = zero
+        weight[:m] = zero
+        for k in range(k_inputs):
+            row = d[k, c0:c0 + m]
+            for i in range(m):
+                total[i] += row[i]
+        for k in range(k_inputs):
+            wk = w[k]
+            row = d[k, c0:c0 + m]
+            for i in range(m):
+                v = row[i]
+                # the majority sign is + where the sum is >= 0; zeros agree with neither
+                positive = total[i] >= zero
+                agree = np.float32(((v > zero) & positive) | ((v < zero) & ~positive))
+                mixed[i] += agree * v
+                weight[i] += wk * agree
+        for i in range(m):
+            x = mixed[i]
+            if normalize:   # by the agreeing weights; by 1 where none agrees
+                x = x / (weight[i] + np.float32(weight[i] == zero))
+            if lam != one:
+                x = x * lam
+            out[c0 + i] = base[c0 + i] + x
+
+
+def consensus_merge(deltas: torch.Tensor, weights: torch.Tensor, base: torch.Tensor,
+                    columns: slice, normalize: bool, lam: float, out: torch.Tensor) -> int:
+    """TIES' sign election and (weight-normalised) sum of the weighted ``deltas``
+    [inputs, n], scaled by ``lam`` and added to ``base`` into ``out``, over the
+    leading columns of ``columns`` that torch sums row by row; returns how many
+    (0 where the torch code must run). torch sums the last ``columns`` % 64 in
+    another order (its scalar and single-vector tails), so those are left to it."""
+    if deltas.shape[0] > CONSENSUS_MAX_INPUTS or deltas.dtype != torch.float32 \
+            or not (deltas.is_contiguous() and base.is_contiguous() and out.is_contiguous()) \
+            or deltas.device.type != "cpu":
+        return 0
+    a, b, _ = columns.indices(deltas.shape[1])
+    b = a + (b - a) // TORCH_ROW_ORDER_COLUMNS * TORCH_ROW_ORDER_COLUMNS
+    if b > a:
+        _consensus(deltas.numpy(), weights.to(torch.float32).reshape(-1).numpy(),
+                   _flat(base), a, b, normalize, np.float32(lam), _flat(out))
+    return b - a
+
+
 def warm() -> None:
     """Compile (or load from numba's cache) every loop now, not inside the first merge."""
     x = torch.zeros(4, dtype=torch.bfloat16)
@@ -163,3 +272,8 @@ def warm() -> None:
     for src, b in ((x, base), (base, base), (base.view(torch.int32), None)):
         high_histogram(src, b, hist)
         low_bits_in_bins(src, b, [0])
+    out = torch.empty(4)
+    for src in (x, base):
+        kept_delta(src, base, 0, 1.0, out)
+    wide = torch.zeros(1, 64)
+    consensus_merge(wide, torch.ones(1), wide[0], slice(0, 64), True, 1.0, wide[0].clone())

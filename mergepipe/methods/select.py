@@ -29,7 +29,7 @@ import torch
 
 HI_BINS = 1 << 15   # bits 16..30 (the sign bit of a magnitude is 0)
 LO_BINS = 1 << 16   # bits 0..15
-TIE_VALUES = 256    # distinct boundary-bin values a block may record (bf16 deltas have few)
+NOTED_VALUES = 1 << 20   # boundary-bin values (with counts) kept per selection, over all blocks
 
 
 def magnitude_bits(x: torch.Tensor) -> torch.Tensor:
@@ -85,8 +85,9 @@ class RankSelect:
         self.bins: dict[int, int] = {}                 # high bin -> count below it
         self.low: dict[int, torch.Tensor] = {}
         # per high bin, per block of pass 1: the low values present and their counts
-        # (None where there are too many to keep: the merge pass counts that block)
+        # (None once NOTED_VALUES are kept: the merge pass counts those blocks itself)
         self.blocks: dict[int, list[tuple[torch.Tensor, torch.Tensor] | None]] = {}
+        self.noted = 0
         self.boundaries: list[Boundary] = []
 
     def observe(self, pass_no: int, src: torch.Tensor, base: torch.Tensor | None = None) -> None:
@@ -101,11 +102,12 @@ class RankSelect:
             return
         bins = list(self.bins)
         for b, low in zip(bins, low_bits_in_bins(src, base, bins)):
-            counts = torch.bincount(low, minlength=LO_BINS)
-            self.low[b] += counts
-            present = counts.nonzero().squeeze(1)
-            self.blocks[b].append(None if present.numel() > TIE_VALUES else
-                                  (present.to(torch.int32), counts[present].to(torch.int32)))
+            present, counts = torch.unique(low, return_counts=True)
+            self.low[b].index_add_(0, present, counts)
+            kept = self.noted + present.numel() <= NOTED_VALUES
+            self.noted += present.numel() if kept else 0
+            self.blocks[b].append((present.to(torch.int32), counts.to(torch.int32))
+                                  if kept else None)
 
     def observe_zeros(self, pass_no: int, n: int) -> None:
         if pass_no == 0:
@@ -152,10 +154,34 @@ class _Cut:
 
     def next_block(self) -> int | None:
         """This block's tie count when known (and on to the next block), else None."""
+        n = self.peek()
         self.block += 1
-        if self.per_block is None or self.block > len(self.per_block):
-            return None   # counted in the block instead
-        return self.per_block[self.block - 1]
+        return n
+
+    def peek(self) -> int | None:
+        """This block's tie count when known, else None (counted in the block instead)."""
+        if self.per_block is None or self.block >= len(self.per_block):
+            return None
+        return self.per_block[self.block]
+
+    def kind_of(self, n: int | None) -> str:
+        """This block's kind given its tie count ``n``: "some" only where the block
+        holds both kept and dropped ties (or their count is unknown)."""
+        kind = self.kind
+        if kind == "some" and n is not None:   # known count: most blocks keep all or none
+            first = self.seen
+            if not n or self.t1 <= first or first + n <= self.t0:
+                return "none"
+            if self.t0 <= first and first + n <= self.t1:
+                return "all"
+        return kind
+
+    def settle(self, n: int | None) -> str:
+        """:meth:`kind_of`, counting the block's ties as passed when it settles them."""
+        kind = self.kind_of(n)
+        if self.kind == "some" and kind != "some":
+            self.seen += n
+        return kind
 
     @property
     def kind(self) -> str:
@@ -206,6 +232,20 @@ class RankWindow:
             mask = side if mask is None else mask.bitwise_and_(side)
         return mask
 
+    def threshold(self) -> int | None:
+        """The bit pattern ``v`` when this block keeps exactly the entries with bits >= v,
+        as :meth:`keep` would (and the block counts as done); None when :meth:`keep`
+        must run (ties to count, or an upper bound), with nothing consumed."""
+        lo, hi = self.lo, self.hi
+        if hi is not None:
+            return None
+        if lo is None:
+            return 0
+        if lo.kind_of(lo.peek()) == "some":
+            return None
+        kind = lo.settle(lo.next_block())
+        return lo.bits if kind == "all" else lo.bits + 1
+
     @staticmethod
     def _bound(bits: torch.Tensor, value: int, is_lo: bool) -> torch.Tensor:
         return at_least(bits, value) if is_lo else at_most(bits, value)
@@ -214,15 +254,7 @@ class RankWindow:
         """Entries on the kept side of one boundary, with its kept ties."""
         step = 1 if is_lo else -1
         n = cut.next_block()
-        kind = cut.kind
-        if kind == "some" and n is not None:   # known count: most blocks keep all or none
-            first = cut.seen
-            if not n or cut.t1 <= first or first + n <= cut.t0:
-                kind = "none"
-            elif cut.t0 <= first and first + n <= cut.t1:
-                kind = "all"
-            if kind != "some":
-                cut.seen += n
+        kind = cut.settle(n)
         if kind != "some":
             return self._bound(bits, cut.bits if kind == "all" else cut.bits + step, is_lo)
         inclusive = self._bound(bits, cut.bits, is_lo)

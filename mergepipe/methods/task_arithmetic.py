@@ -27,7 +27,7 @@ from mergepipe.errors import SpecError
 from mergepipe.methods.base import (REQUIRED, MergeMethod, TensorContext, each, register,
                                     whole_tensor)
 from mergepipe.methods.reduce import StreamTotal
-from mergepipe.methods.select import (RankSelect, RankWindow, apply_mask, found_window,
+from mergepipe.methods.select import (RankSelect, RankWindow, apply_mask, at_least, found_window,
                                       magnitude_bits, window_ranks)
 
 Sparsify = Literal["magnitude", "random", "magnitude_outliers", "della_magprune"] | None
@@ -82,12 +82,20 @@ class _Sparsifier:
         (random masks draw for every entry, L1 totals sum every entry)."""
         return False
 
+    def threshold(self) -> int | None:
+        """For the merge pass: the magnitude bit pattern from which this block keeps
+        entries, unscaled (the block then counts as done); None when :meth:`keep` runs."""
+        return None
+
 
 class _Dense(_Sparsifier):
     """No sparsification (density 1 too: every mask is ones and any rescale is 1)."""
 
     def keep(self, delta: torch.Tensor) -> torch.Tensor:
         return delta
+
+    def threshold(self) -> int | None:
+        return 0
 
     def skip_zeros(self, like: torch.Tensor) -> bool:
         return True
@@ -133,6 +141,11 @@ class _Ranked(_Sparsifier):
                                        self.descending)
         elif pass_no > 1:
             self.window.rewind()   # the window counts ties as it goes: again for the merge
+
+    def threshold(self) -> int | None:
+        if self.empty or self.scale is not None:
+            return None
+        return self.window.threshold()
 
     def keep_unscaled(self, delta: torch.Tensor) -> torch.Tensor:
         if self.empty:
@@ -245,6 +258,7 @@ class FamilyStream:
         Inputs that are ``base`` itself (unselected under a budget) add a zero
         delta: left out of the sums, which zeros do not change.
         """
+        from mergepipe.methods import kernels   # numba loads with the first merge, not per command
         params = self.params
         weights = [float(w) for w in params["weight"]]
         # an input that is the base tells its sparsifier the block went by (the tie
@@ -257,6 +271,15 @@ class FamilyStream:
 
         def one(j: int) -> None:   # one input's temporaries per thread at a time
             k = live[j]
+            threshold = self.inputs[k].threshold()
+            if threshold is not None and kernels.kept_delta(tensors[k], base, threshold,
+                                                            weights[k], deltas[j]):
+                return
+            if threshold is not None:   # the window moved on: apply the same cut in torch
+                delta = torch.sub(tensors[k], base, out=deltas[j])
+                apply_mask(delta, at_least(magnitude_bits(delta), threshold))
+                delta.mul_(weights[k])
+                return
             delta = torch.sub(tensors[k], base, out=deltas[j])
             if self.family.sparsify is not None:
                 kept = self.inputs[k].keep(delta)
@@ -274,7 +297,12 @@ class FamilyStream:
         total_w = total_w if abs(total_w) >= 1e-8 else 1.0
 
         def step(a: int) -> None:   # the columns [a, a + STEP_COLUMNS), alone
-            cols = slice(a, a + STEP_COLUMNS)
+            cols = slice(a, min(a + STEP_COLUMNS, base_flat.numel()))
+            if self.family.consensus:   # compiled for the leading columns, torch for the rest
+                done = kernels.consensus_merge(flat, w, base_flat, cols, normalize, lam, merged)
+                cols = slice(cols.start + done, cols.stop)
+                if cols.start == cols.stop:
+                    return
             if self.family.consensus:
                 mixed, divisor = _consensus(flat[:, cols], w, normalize)
             else:
