@@ -126,14 +126,22 @@ def test_compiled_consensus_has_the_torch_codes_bits(n_inputs):
             assert got[:5].isnan().all() and got[5 + done:].isnan().all()
             assert torch.equal(got[5:5 + done].view(torch.int32),
                                want[5:5 + done].view(torch.int32))
-    x = (base + d[0]).bfloat16()
-    bits = magnitude_bits(torch.sub(x, base))
-    for threshold in (0, int(bits.median()), 1 << 31 - 1):
+    base16 = base.bfloat16().float()   # bf16 deltas: equal magnitudes are common
+    x = (base16 + torch.randint(-3, 4, (n,), generator=g) * 2.0 ** -8).bfloat16()
+    bits = magnitude_bits(torch.sub(x, base16))
+    base = base16
+    value = int(torch.mode(bits[bits > 0]).values)
+    ties = int((bits == value).sum())
+    assert ties > 10
+    for cut in [(-1, 0, 0), (value, 0, ties), (value, 0, 0), (value, 3, ties - 4), (value, -5, 2),
+                ((1 << 31) - 1, 0, 0)]:
         got = torch.empty(n)
-        assert kept_delta(x, base, threshold, -0.7, got)
+        assert kept_delta(x, base, cut, -0.7, got) == int((bits == cut[0]).sum())
+        tie_index = torch.cumsum((bits == cut[0]).long(), 0) - 1
+        kept = (bits > cut[0]) | ((bits == cut[0]) & (tie_index >= cut[1]) & (tie_index < cut[2]))
         want = torch.sub(x, base)
-        want[bits < threshold] = 0.0
-        assert torch.equal(got.view(torch.int32), (want * -0.7).view(torch.int32))
+        want[~kept] = 0.0
+        assert torch.equal(got.view(torch.int32), (want * -0.7).view(torch.int32)), cut
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

@@ -12,7 +12,8 @@ every CPU and instruction set, so results are exactly those of the torch
 operations they replace (tests compare the two).
 
 The merge pass. Per input, one loop writes the kept, weighted delta
-(:func:`kept_delta`) where torch needs five operations; then one loop per
+(:func:`kept_delta`, counting the ties at the threshold as it goes) where
+torch needs five operations or more; then one loop per
 column step elects signs and averages (:func:`consensus_merge`), summing over
 the inputs in their order as torch's ``sum(dim=0)`` does in its main loop for
 up to :data:`CONSENSUS_MAX_INPUTS` inputs; the torch code runs for more inputs
@@ -93,6 +94,46 @@ def _in_bin_bits(src: np.ndarray, b: int, out: np.ndarray) -> int:
     return n
 
 
+@njit(nogil=True, cache=True)
+def _low_hist_bf16(x: np.ndarray, base: np.ndarray, b: int, hist: np.ndarray) -> None:
+    for i in range(x.size):
+        bits = _bf16_delta_bits(x, base, i)
+        # entries outside the bin land in 8 spare counters (no branch, no chain on one)
+        hist[(bits & 0xFFFF) if (bits >> 16) == b else 0x10000 + (i & 7)] += 1
+
+
+@njit(nogil=True, cache=True)
+def _low_hist_f32(x: np.ndarray, base: np.ndarray, b: int, hist: np.ndarray) -> None:
+    for i in range(x.size):
+        bits = _f32_delta_bits(x, base, i)
+        hist[(bits & 0xFFFF) if (bits >> 16) == b else 0x10000 + (i & 7)] += 1
+
+
+@njit(nogil=True, cache=True)
+def _low_hist_bits(src: np.ndarray, b: int, hist: np.ndarray) -> None:
+    for i in range(src.size):
+        bits = src[i]
+        hist[(bits & 0xFFFF) if (bits >> 16) == b else 0x10000 + (i & 7)] += 1
+
+
+LOW_HIST_BINS = 0x10000 + 8   # the low 16 bits, and the spare counters
+
+
+def low_histogram(src: torch.Tensor, base: torch.Tensor | None, b: int,
+                  hist: torch.Tensor) -> None:
+    """Add to ``hist`` (int64, :data:`LOW_HIST_BINS`) the low 16 bits of the magnitudes
+    in high bin ``b`` (as :func:`high_histogram` takes them). For a bin holding many
+    entries (bf16 deltas crowd into few), where listing them would cost more."""
+    kind, x, bb = _prepared(src, base)
+    h = hist.numpy()
+    if kind == "bf16":
+        _low_hist_bf16(x, bb, b, h)
+    elif kind == "f32":
+        _low_hist_f32(x, bb, b, h)
+    else:
+        _low_hist_bits(x, b, h)
+
+
 _scratch = threading.local()   # one output buffer per thread, reused across blocks
 
 
@@ -164,39 +205,67 @@ def low_bits_in_bins(src: torch.Tensor, base: torch.Tensor | None,
 
 
 @njit(nogil=True, cache=True)
-def _kept_bf16(x: np.ndarray, base: np.ndarray, threshold: int, weight: np.float32,
-               out: np.ndarray) -> None:
+def _kept_bf16(x: np.ndarray, base: np.ndarray, value: int, first: int, last: int,
+               weight: np.float32, out: np.ndarray) -> int:
+    ties = 0
+    if first <= 0 and last >= x.size or last <= 0 or first >= x.size:
+        # every tie kept, or none: no running index in the condition, so it vectorises
+        least = value if last > 0 and first < x.size else value + 1
+        for i in range(x.size):
+            v = np.uint32(np.uint32(x[i]) << np.uint32(16)).view(np.float32)
+            d = np.float32(v - base[i])
+            bits = np.float32(abs(d)).view(np.int32)
+            ties += bits == value
+            out[i] = (d if bits >= least else np.float32(0.0)) * weight
+        return ties
     for i in range(x.size):
         v = np.uint32(np.uint32(x[i]) << np.uint32(16)).view(np.float32)
         d = np.float32(v - base[i])
-        keep = np.float32(abs(d)).view(np.int32) >= threshold
+        bits = np.float32(abs(d)).view(np.int32)
+        tie = bits == value
+        keep = (bits > value) | (tie & (ties >= first) & (ties < last))
+        ties += tie
         out[i] = (d if keep else np.float32(0.0)) * weight
+    return ties
 
 
 @njit(nogil=True, cache=True)
-def _kept_f32(x: np.ndarray, base: np.ndarray, threshold: int, weight: np.float32,
-              out: np.ndarray) -> None:
+def _kept_f32(x: np.ndarray, base: np.ndarray, value: int, first: int, last: int,
+              weight: np.float32, out: np.ndarray) -> int:
+    ties = 0
+    if first <= 0 and last >= x.size or last <= 0 or first >= x.size:
+        least = value if last > 0 and first < x.size else value + 1
+        for i in range(x.size):
+            d = np.float32(x[i] - base[i])
+            bits = np.float32(abs(d)).view(np.int32)
+            ties += bits == value
+            out[i] = (d if bits >= least else np.float32(0.0)) * weight
+        return ties
     for i in range(x.size):
         d = np.float32(x[i] - base[i])
-        keep = np.float32(abs(d)).view(np.int32) >= threshold
+        bits = np.float32(abs(d)).view(np.int32)
+        tie = bits == value
+        keep = (bits > value) | (tie & (ties >= first) & (ties < last))
+        ties += tie
         out[i] = (d if keep else np.float32(0.0)) * weight
+    return ties
 
 
-def kept_delta(x: torch.Tensor, base: torch.Tensor, threshold: int, weight: float,
-               out: torch.Tensor) -> bool:
-    """``out = (x − base) · weight`` where ``|x − base|``'s bit pattern is at least
-    ``threshold``, +0.0 elsewhere (in float32, as torch's sub, mask and multiply give).
-    False, with ``out`` untouched, for inputs the loops do not take."""
+def kept_delta(x: torch.Tensor, base: torch.Tensor, cut: tuple[int, int, int], weight: float,
+               out: torch.Tensor) -> int | None:
+    """``out = (x − base) · weight`` on the entries a magnitude cut keeps, +0.0 elsewhere
+    (float32, as torch's subtract, mask and multiply give). ``cut`` is ``(value, first,
+    last)``: keep bit patterns of ``|x − base|`` above ``value`` and, of those equal to
+    it, the ones with tie index (flat order, from 0 in this block) in [first, last).
+    Returns how many entries equal ``value``; None, with ``out`` untouched, for inputs
+    the loops do not take."""
     if x.dtype not in (torch.bfloat16, torch.float32) or base.dtype != torch.float32 \
             or out.dtype != torch.float32 or x.device.type != "cpu" \
             or not (x.is_contiguous() and base.is_contiguous() and out.is_contiguous()):
-        return False
-    w = np.float32(weight)
-    if x.dtype == torch.bfloat16:
-        _kept_bf16(_flat(x), _flat(base), threshold, w, _flat(out))
-    else:
-        _kept_f32(_flat(x), _flat(base), threshold, w, _flat(out))
-    return True
+        return None
+    value, first, last = cut
+    loop = _kept_bf16 if x.dtype == torch.bfloat16 else _kept_f32
+    return int(loop(_flat(x), _flat(base), value, first, last, np.float32(weight), _flat(out)))
 
 
 CONSENSUS_MAX_INPUTS = 16   # torch's sum(dim=0) adds rows in order up to here (tested)
@@ -272,8 +341,9 @@ def warm() -> None:
     for src, b in ((x, base), (base, base), (base.view(torch.int32), None)):
         high_histogram(src, b, hist)
         low_bits_in_bins(src, b, [0])
+        low_histogram(src, b, 0, torch.zeros(LOW_HIST_BINS, dtype=torch.int64))
     out = torch.empty(4)
     for src in (x, base):
-        kept_delta(src, base, 0, 1.0, out)
+        kept_delta(src, base, (0, 0, 1), 1.0, out)
     wide = torch.zeros(1, 64)
     consensus_merge(wide, torch.ones(1), wide[0], slice(0, 64), True, 1.0, wide[0].clone())

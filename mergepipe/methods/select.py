@@ -29,7 +29,7 @@ import torch
 
 HI_BINS = 1 << 15   # bits 16..30 (the sign bit of a magnitude is 0)
 LO_BINS = 1 << 16   # bits 0..15
-NOTED_VALUES = 1 << 20   # boundary-bin values (with counts) kept per selection, over all blocks
+LISTED_ENTRIES = 1 << 20   # a boundary bin up to this size is listed block by block
 
 
 def magnitude_bits(x: torch.Tensor) -> torch.Tensor:
@@ -85,9 +85,9 @@ class RankSelect:
         self.bins: dict[int, int] = {}                 # high bin -> count below it
         self.low: dict[int, torch.Tensor] = {}
         # per high bin, per block of pass 1: the low values present and their counts
-        # (None once NOTED_VALUES are kept: the merge pass counts those blocks itself)
+        # (None for a bin of more than LISTED_ENTRIES: the merge pass counts those ties)
         self.blocks: dict[int, list[tuple[torch.Tensor, torch.Tensor] | None]] = {}
-        self.noted = 0
+        self.listed: dict[int, bool] = {}   # per high bin: its entries listed per block
         self.boundaries: list[Boundary] = []
 
     def observe(self, pass_no: int, src: torch.Tensor, base: torch.Tensor | None = None) -> None:
@@ -96,18 +96,19 @@ class RankSelect:
         if self.ranks == []:
             return
         # numba (~0.6 s and ~130 MiB to import) loads with the first selection, not per command
-        from mergepipe.methods.kernels import high_histogram, low_bits_in_bins
+        from mergepipe.methods.kernels import high_histogram, low_bits_in_bins, low_histogram
         if pass_no == 0:
             high_histogram(src, base, self.hist)
             return
-        bins = list(self.bins)
-        for b, low in zip(bins, low_bits_in_bins(src, base, bins)):
+        listed = [b for b in self.bins if self.listed[b]]
+        for b in self.bins:
+            if not self.listed[b]:   # a crowded bin: its counts only, no per-block record
+                low_histogram(src, base, b, self.low[b])
+                self.blocks[b].append(None)
+        for b, low in zip(listed, low_bits_in_bins(src, base, listed)):
             present, counts = torch.unique(low, return_counts=True)
             self.low[b].index_add_(0, present, counts)
-            kept = self.noted + present.numel() <= NOTED_VALUES
-            self.noted += present.numel() if kept else 0
-            self.blocks[b].append((present.to(torch.int32), counts.to(torch.int32))
-                                  if kept else None)
+            self.blocks[b].append((present.to(torch.int32), counts.to(torch.int32)))
 
     def observe_zeros(self, pass_no: int, n: int) -> None:
         if pass_no == 0:
@@ -124,13 +125,14 @@ class RankSelect:
             for r in self.ranks:
                 b = int(torch.searchsorted(cum, torch.tensor([r]), right=True)[0])
                 self.bins[b] = int(cum[b] - self.hist[b])
-                self.low[b] = torch.zeros(LO_BINS, dtype=torch.int64)
+                self.low[b] = torch.zeros(LO_BINS + 8, dtype=torch.int64)   # + spare counters
                 self.blocks[b] = []
+                self.listed[b] = int(self.hist[b]) <= LISTED_ENTRIES
             return
         for r in self.ranks:
             b = next(b for b, below in self.bins.items()
                      if below <= r < below + int(self.hist[b]))
-            low = self.low[b]
+            low = self.low[b][:LO_BINS]
             cum = torch.cumsum(low, 0)
             lo = int(torch.searchsorted(cum, torch.tensor([r - self.bins[b]]), right=True)[0])
             per_block = [None if rec is None else int(rec[1][rec[0] == lo].sum())
@@ -154,33 +156,23 @@ class _Cut:
 
     def next_block(self) -> int | None:
         """This block's tie count when known (and on to the next block), else None."""
-        n = self.peek()
         self.block += 1
-        return n
+        if self.per_block is None or self.block > len(self.per_block):
+            return None   # counted in the block instead
+        return self.per_block[self.block - 1]
 
-    def peek(self) -> int | None:
-        """This block's tie count when known, else None (counted in the block instead)."""
-        if self.per_block is None or self.block >= len(self.per_block):
-            return None
-        return self.per_block[self.block]
-
-    def kind_of(self, n: int | None) -> str:
-        """This block's kind given its tie count ``n``: "some" only where the block
-        holds both kept and dropped ties (or their count is unknown)."""
+    def settle(self, n: int | None) -> str:
+        """This block's kind given its tie count ``n`` ("some" only where it holds both
+        kept and dropped ties, or their count is unknown), its ties counted as passed."""
         kind = self.kind
         if kind == "some" and n is not None:   # known count: most blocks keep all or none
             first = self.seen
             if not n or self.t1 <= first or first + n <= self.t0:
-                return "none"
-            if self.t0 <= first and first + n <= self.t1:
-                return "all"
-        return kind
-
-    def settle(self, n: int | None) -> str:
-        """:meth:`kind_of`, counting the block's ties as passed when it settles them."""
-        kind = self.kind_of(n)
-        if self.kind == "some" and kind != "some":
-            self.seen += n
+                kind = "none"
+            elif self.t0 <= first and first + n <= self.t1:
+                kind = "all"
+            if kind != "some":
+                self.seen += n
         return kind
 
     @property
@@ -232,19 +224,24 @@ class RankWindow:
             mask = side if mask is None else mask.bitwise_and_(side)
         return mask
 
-    def threshold(self) -> int | None:
-        """The bit pattern ``v`` when this block keeps exactly the entries with bits >= v,
-        as :meth:`keep` would (and the block counts as done); None when :meth:`keep`
-        must run (ties to count, or an upper bound), with nothing consumed."""
+    def lower_cut(self) -> tuple[int, int, int] | None:
+        """For a window bounded below only (TIES' top k), this block's selection as
+        ``(value, first, last)``: keep the bit patterns above ``value`` and, of those
+        equal to it, the ones whose tie index within the block is in [first, last).
+        None for other windows. Call :meth:`passed` with the block's tie count after."""
         lo, hi = self.lo, self.hi
         if hi is not None:
             return None
         if lo is None:
-            return 0
-        if lo.kind_of(lo.peek()) == "some":
-            return None
-        kind = lo.settle(lo.next_block())
-        return lo.bits if kind == "all" else lo.bits + 1
+            return -1, 0, 0   # the whole tensor is kept
+        return lo.bits, lo.t0 - lo.seen, lo.t1 - lo.seen
+
+    def passed(self, ties: int) -> None:
+        """A block went by (after :meth:`lower_cut`) holding ``ties`` entries equal to
+        the lower boundary."""
+        if self.lo is not None:
+            self.lo.block += 1
+            self.lo.seen += ties
 
     @staticmethod
     def _bound(bits: torch.Tensor, value: int, is_lo: bool) -> torch.Tensor:

@@ -27,7 +27,7 @@ from mergepipe.errors import SpecError
 from mergepipe.methods.base import (REQUIRED, MergeMethod, TensorContext, each, register,
                                     whole_tensor)
 from mergepipe.methods.reduce import StreamTotal
-from mergepipe.methods.select import (RankSelect, RankWindow, apply_mask, at_least, found_window,
+from mergepipe.methods.select import (RankSelect, RankWindow, apply_mask, found_window,
                                       magnitude_bits, window_ranks)
 
 Sparsify = Literal["magnitude", "random", "magnitude_outliers", "della_magprune"] | None
@@ -82,10 +82,11 @@ class _Sparsifier:
         (random masks draw for every entry, L1 totals sum every entry)."""
         return False
 
-    def threshold(self) -> int | None:
-        """For the merge pass: the magnitude bit pattern from which this block keeps
-        entries, unscaled (the block then counts as done); None when :meth:`keep` runs."""
-        return None
+    def kept_by_loop(self, x: torch.Tensor, base: torch.Tensor, weight: float,
+                     out: torch.Tensor) -> bool:
+        """Write this block's kept delta times ``weight`` into ``out`` with a compiled
+        loop (:func:`.kernels.kept_delta`); False where :meth:`keep` must run."""
+        return False
 
 
 class _Dense(_Sparsifier):
@@ -94,8 +95,10 @@ class _Dense(_Sparsifier):
     def keep(self, delta: torch.Tensor) -> torch.Tensor:
         return delta
 
-    def threshold(self) -> int | None:
-        return 0
+    def kept_by_loop(self, x: torch.Tensor, base: torch.Tensor, weight: float,
+                     out: torch.Tensor) -> bool:
+        from mergepipe.methods import kernels
+        return kernels.kept_delta(x, base, (-1, 0, 0), weight, out) is not None
 
     def skip_zeros(self, like: torch.Tensor) -> bool:
         return True
@@ -142,10 +145,19 @@ class _Ranked(_Sparsifier):
         elif pass_no > 1:
             self.window.rewind()   # the window counts ties as it goes: again for the merge
 
-    def threshold(self) -> int | None:
+    def kept_by_loop(self, x: torch.Tensor, base: torch.Tensor, weight: float,
+                     out: torch.Tensor) -> bool:
         if self.empty or self.scale is not None:
-            return None
-        return self.window.threshold()
+            return False
+        cut = self.window.lower_cut()
+        if cut is None:
+            return False
+        from mergepipe.methods import kernels
+        ties = kernels.kept_delta(x, base, cut, weight, out)
+        if ties is None:
+            return False
+        self.window.passed(ties)
+        return True
 
     def keep_unscaled(self, delta: torch.Tensor) -> torch.Tensor:
         if self.empty:
@@ -271,14 +283,7 @@ class FamilyStream:
 
         def one(j: int) -> None:   # one input's temporaries per thread at a time
             k = live[j]
-            threshold = self.inputs[k].threshold()
-            if threshold is not None and kernels.kept_delta(tensors[k], base, threshold,
-                                                            weights[k], deltas[j]):
-                return
-            if threshold is not None:   # the window moved on: apply the same cut in torch
-                delta = torch.sub(tensors[k], base, out=deltas[j])
-                apply_mask(delta, at_least(magnitude_bits(delta), threshold))
-                delta.mul_(weights[k])
+            if self.inputs[k].kept_by_loop(tensors[k], base, weights[k], deltas[j]):
                 return
             delta = torch.sub(tensors[k], base, out=deltas[j])
             if self.family.sparsify is not None:
