@@ -1,7 +1,6 @@
 """Compiled loops for the per-entry work of TIES-style merges.
 
-The statistics passes. 
-Finding a magnitude threshold exactly (:mod:`.select`) visits every entry of
+The statistics passes. Finding a magnitude threshold exactly (:mod:`.select`) visits every entry of
 every input twice: once to count the high 16 bits of ``|x − base|`` and once
 to pick out the low 16 bits of the entries in the boundary bin. As torch
 operations that is five to six passes over memory per entry (subtract,
@@ -17,7 +16,9 @@ torch needs five operations or more; then one loop per
 column step elects signs and averages (:func:`consensus_merge`), summing over
 the inputs in their order as torch's ``sum(dim=0)`` does in its main loop for
 up to :data:`CONSENSUS_MAX_INPUTS` inputs; the torch code runs for more inputs
-and for a step's last columns, which torch sums in another order.
+and for a step's last columns, which torch sums in another order. SCE's
+variance across the inputs (:func:`variance`) is Welford's float64 update, as
+torch.var computes it, one column at a time in a vectorised loop.
 
 Sources: bfloat16 inputs (read as their 16-bit patterns) or float32 inputs
 against a float32 base; or int32 magnitude bit patterns already computed
@@ -29,43 +30,42 @@ import threading
 
 import numpy as np
 import torch
-from numba import njit
+from numba import njit, types
+from numba.extending import overload
 
-@njit(nogil=True, cache=True, inline="always")
-def _bf16_delta_bits(x: np.ndarray, base: np.ndarray, i: int) -> np.int32:
-    """Bit pattern of |float32(x[i]) − base[i]| for x holding bfloat16 patterns."""
-    v = np.uint32(np.uint32(x[i]) << np.uint32(16)).view(np.float32)
-    return np.float32(abs(v - base[i])).view(np.int32)
+def _as_float(v):   # noqa: ANN001, ANN202 - numba picks an implementation by type
+    """An input entry as float32: bf16 patterns (uint16) widened, float32 as is."""
 
 
-@njit(nogil=True, cache=True, inline="always")
-def _f32_delta_bits(x: np.ndarray, base: np.ndarray, i: int) -> np.int32:
-    return np.float32(abs(x[i] - base[i])).view(np.int32)
+@overload(_as_float, inline="always")
+def _as_float_impl(v):  # noqa: ANN001, ANN202
+    if isinstance(v, types.Integer):
+        return lambda v: np.uint32(np.uint32(v) << np.uint32(16)).view(np.float32)
+    return lambda v: v
+
+
+def _magnitude(x, base, i):   # noqa: ANN001, ANN202
+    """Bit pattern of entry i's magnitude: |x[i] − base[i]|, or x[i] for int32 bits."""
+
+
+@overload(_magnitude, inline="always")
+def _magnitude_impl(x, base, i):  # noqa: ANN001, ANN202
+    if x.dtype == types.int32:   # already magnitude bit patterns: base is unused
+        return lambda x, base, i: x[i]
+    return lambda x, base, i: np.float32(abs(_as_float(x[i]) - base[i])).view(np.int32)
 
 
 @njit(nogil=True, cache=True)
-def _hist_bf16(x: np.ndarray, base: np.ndarray, hist: np.ndarray) -> None:
+def _high_hist(x: np.ndarray, base: np.ndarray, hist: np.ndarray) -> None:
     for i in range(x.size):
-        hist[_bf16_delta_bits(x, base, i) >> 16] += 1
+        hist[_magnitude(x, base, i) >> 16] += 1
 
 
 @njit(nogil=True, cache=True)
-def _hist_f32(x: np.ndarray, base: np.ndarray, hist: np.ndarray) -> None:
-    for i in range(x.size):
-        hist[_f32_delta_bits(x, base, i) >> 16] += 1
-
-
-@njit(nogil=True, cache=True)
-def _hist_bits(bits: np.ndarray, hist: np.ndarray) -> None:
-    for i in range(bits.size):
-        hist[bits[i] >> 16] += 1
-
-
-@njit(nogil=True, cache=True)
-def _in_bin_bf16(x: np.ndarray, base: np.ndarray, b: int, out: np.ndarray) -> int:
+def _in_bin(x: np.ndarray, base: np.ndarray, b: int, out: np.ndarray) -> int:
     n = 0
     for i in range(x.size):
-        bits = _bf16_delta_bits(x, base, i)
+        bits = _magnitude(x, base, i)
         if (bits >> 16) == b:
             out[n] = bits & 0xFFFF
             n += 1
@@ -73,65 +73,15 @@ def _in_bin_bf16(x: np.ndarray, base: np.ndarray, b: int, out: np.ndarray) -> in
 
 
 @njit(nogil=True, cache=True)
-def _in_bin_f32(x: np.ndarray, base: np.ndarray, b: int, out: np.ndarray) -> int:
-    n = 0
+def _low_hist(x: np.ndarray, base: np.ndarray, b: int, hist: np.ndarray) -> None:
     for i in range(x.size):
-        bits = _f32_delta_bits(x, base, i)
-        if (bits >> 16) == b:
-            out[n] = bits & 0xFFFF
-            n += 1
-    return n
-
-
-@njit(nogil=True, cache=True)
-def _in_bin_bits(src: np.ndarray, b: int, out: np.ndarray) -> int:
-    n = 0
-    for i in range(src.size):
-        bits = src[i]
-        if (bits >> 16) == b:
-            out[n] = bits & 0xFFFF
-            n += 1
-    return n
-
-
-@njit(nogil=True, cache=True)
-def _low_hist_bf16(x: np.ndarray, base: np.ndarray, b: int, hist: np.ndarray) -> None:
-    for i in range(x.size):
-        bits = _bf16_delta_bits(x, base, i)
+        bits = _magnitude(x, base, i)
         # entries outside the bin land in 8 spare counters (no branch, no chain on one)
         hist[(bits & 0xFFFF) if (bits >> 16) == b else 0x10000 + (i & 7)] += 1
 
 
-@njit(nogil=True, cache=True)
-def _low_hist_f32(x: np.ndarray, base: np.ndarray, b: int, hist: np.ndarray) -> None:
-    for i in range(x.size):
-        bits = _f32_delta_bits(x, base, i)
-        hist[(bits & 0xFFFF) if (bits >> 16) == b else 0x10000 + (i & 7)] += 1
-
-
-@njit(nogil=True, cache=True)
-def _low_hist_bits(src: np.ndarray, b: int, hist: np.ndarray) -> None:
-    for i in range(src.size):
-        bits = src[i]
-        hist[(bits & 0xFFFF) if (bits >> 16) == b else 0x10000 + (i & 7)] += 1
-
-
 LOW_HIST_BINS = 0x10000 + 8   # the low 16 bits, and the spare counters
-
-
-def low_histogram(src: torch.Tensor, base: torch.Tensor | None, b: int,
-                  hist: torch.Tensor) -> None:
-    """Add to ``hist`` (int64, :data:`LOW_HIST_BINS`) the low 16 bits of the magnitudes
-    in high bin ``b`` (as :func:`high_histogram` takes them). For a bin holding many
-    entries (bf16 deltas crowd into few), where listing them would cost more."""
-    kind, x, bb = _prepared(src, base)
-    h = hist.numpy()
-    if kind == "bf16":
-        _low_hist_bf16(x, bb, b, h)
-    elif kind == "f32":
-        _low_hist_f32(x, bb, b, h)
-    else:
-        _low_hist_bits(x, b, h)
+_NO_BASE = np.zeros(0, dtype=np.float32)
 
 
 _scratch = threading.local()   # one output buffer per thread, reused across blocks
@@ -152,19 +102,17 @@ def _flat(t: torch.Tensor) -> np.ndarray:
     return t.numpy()
 
 
-def _prepared(src: torch.Tensor, base: torch.Tensor | None) -> tuple[str, np.ndarray,
-                                                                    np.ndarray | None]:
-    """Which loop runs, on which arrays: ("bf16"|"f32", x, base) or ("bits", bits, None)."""
+def _prepared(src: torch.Tensor, base: torch.Tensor | None) -> tuple[np.ndarray, np.ndarray]:
+    """The loops' arrays: (bf16 patterns or float32, float32 base), or (int32 bits, empty)."""
     if base is None:
         if src.dtype != torch.int32:
             raise TypeError(f"magnitude bit patterns are int32, not {src.dtype}")
-        return "bits", _flat(src), None
+        return _flat(src), _NO_BASE
     if base.dtype == torch.float32 and base.device.type == "cpu" \
             and src.device.type == "cpu" and src.dtype in (torch.bfloat16, torch.float32):
-        kind = "bf16" if src.dtype == torch.bfloat16 else "f32"
-        return kind, _flat(src), _flat(base)
+        return _flat(src), _flat(base)
     delta = torch.sub(src.to(torch.float32), base.to(torch.float32))
-    return "bits", _flat(delta.abs_().view(torch.int32).cpu()), None
+    return _flat(delta.abs_().view(torch.int32).cpu()), _NO_BASE
 
 
 def high_histogram(src: torch.Tensor, base: torch.Tensor | None, hist: torch.Tensor) -> None:
@@ -173,76 +121,42 @@ def high_histogram(src: torch.Tensor, base: torch.Tensor | None, hist: torch.Ten
     Magnitudes are ``|src − base|`` in float32, or ``src`` itself (int32 bit
     patterns of non-negative floats) when ``base`` is None.
     """
-    kind, x, b = _prepared(src, base)
-    h = hist.numpy()
-    if kind == "bf16":
-        _hist_bf16(x, b, h)
-    elif kind == "f32":
-        _hist_f32(x, b, h)
-    else:
-        _hist_bits(x, h)
+    _high_hist(*_prepared(src, base), hist.numpy())
 
 
 def low_bits_in_bins(src: torch.Tensor, base: torch.Tensor | None,
                      bins: list[int]) -> list[torch.Tensor]:
-    """For each high bin in ``bins``: the low 16 bits (int64) of the magnitudes in it.
-
-    Magnitudes as in :func:`high_histogram`. The entries of one bin are few
-    (a bin is 1/128 of an octave), so each result is small.
-    """
-    kind, x, b = _prepared(src, base)
-    out = []
+    """For each high bin in ``bins``: the low 16 bits (int64) of the magnitudes in it,
+    in flat order. Magnitudes as in :func:`high_histogram`; for bins of few entries."""
+    x, b = _prepared(src, base)
     buf = _buffer(x.size)
-    for hi in bins:
-        if kind == "bf16":
-            n = _in_bin_bf16(x, b, hi, buf)
-        elif kind == "f32":
-            n = _in_bin_f32(x, b, hi, buf)
-        else:
-            n = _in_bin_bits(x, hi, buf)
-        out.append(torch.from_numpy(buf[:n]).long())   # a copy: the buffer is reused
-    return out
+    return [torch.from_numpy(buf[:_in_bin(x, b, hi, buf)]).long()   # a copy: buf is reused
+            for hi in bins]
+
+
+def low_histogram(src: torch.Tensor, base: torch.Tensor | None, b: int,
+                  hist: torch.Tensor) -> None:
+    """Add to ``hist`` (int64, :data:`LOW_HIST_BINS`) the low 16 bits of the magnitudes
+    in high bin ``b`` (as :func:`high_histogram` takes them). For a bin holding many
+    entries (bf16 deltas crowd into few), where listing them would cost more."""
+    _low_hist(*_prepared(src, base), b, hist.numpy())
 
 
 @njit(nogil=True, cache=True)
-def _kept_bf16(x: np.ndarray, base: np.ndarray, value: int, first: int, last: int,
-               weight: np.float32, out: np.ndarray) -> int:
+def _kept(x: np.ndarray, base: np.ndarray, value: int, first: int, last: int,
+          weight: np.float32, out: np.ndarray) -> int:
     ties = 0
     if first <= 0 and last >= x.size or last <= 0 or first >= x.size:
         # every tie kept, or none: no running index in the condition, so it vectorises
         least = value if last > 0 and first < x.size else value + 1
         for i in range(x.size):
-            v = np.uint32(np.uint32(x[i]) << np.uint32(16)).view(np.float32)
-            d = np.float32(v - base[i])
+            d = np.float32(_as_float(x[i]) - base[i])
             bits = np.float32(abs(d)).view(np.int32)
             ties += bits == value
             out[i] = (d if bits >= least else np.float32(0.0)) * weight
         return ties
     for i in range(x.size):
-        v = np.uint32(np.uint32(x[i]) << np.uint32(16)).view(np.float32)
-        d = np.float32(v - base[i])
-        bits = np.float32(abs(d)).view(np.int32)
-        tie = bits == value
-        keep = (bits > value) | (tie & (ties >= first) & (ties < last))
-        ties += tie
-        out[i] = (d if keep else np.float32(0.0)) * weight
-    return ties
-
-
-@njit(nogil=True, cache=True)
-def _kept_f32(x: np.ndarray, base: np.ndarray, value: int, first: int, last: int,
-              weight: np.float32, out: np.ndarray) -> int:
-    ties = 0
-    if first <= 0 and last >= x.size or last <= 0 or first >= x.size:
-        least = value if last > 0 and first < x.size else value + 1
-        for i in range(x.size):
-            d = np.float32(x[i] - base[i])
-            bits = np.float32(abs(d)).view(np.int32)
-            ties += bits == value
-            out[i] = (d if bits >= least else np.float32(0.0)) * weight
-        return ties
-    for i in range(x.size):
-        d = np.float32(x[i] - base[i])
+        d = np.float32(_as_float(x[i]) - base[i])
         bits = np.float32(abs(d)).view(np.int32)
         tie = bits == value
         keep = (bits > value) | (tie & (ties >= first) & (ties < last))
@@ -264,8 +178,7 @@ def kept_delta(x: torch.Tensor, base: torch.Tensor, cut: tuple[int, int, int], w
             or not (x.is_contiguous() and base.is_contiguous() and out.is_contiguous()):
         return None
     value, first, last = cut
-    loop = _kept_bf16 if x.dtype == torch.bfloat16 else _kept_f32
-    return int(loop(_flat(x), _flat(base), value, first, last, np.float32(weight), _flat(out)))
+    return int(_kept(_flat(x), _flat(base), value, first, last, np.float32(weight), _flat(out)))
 
 
 CONSENSUS_MAX_INPUTS = 16   # torch's sum(dim=0) adds rows in order up to here (tested)
@@ -333,6 +246,39 @@ def consensus_merge(deltas: torch.Tensor, weights: torch.Tensor, base: torch.Ten
     return b - a
 
 
+@njit(nogil=True, cache=True)
+def _variance(tvs: np.ndarray, a: int, b: int, out: np.ndarray) -> None:
+    k_inputs = tvs.shape[0]
+    mean = np.empty(_COLUMN_CHUNK, dtype=np.float64)
+    m2 = np.empty(_COLUMN_CHUNK, dtype=np.float64)
+    for c0 in range(a, b, _COLUMN_CHUNK):
+        m = min(_COLUMN_CHUNK, b - c0)
+        mean[:m] = 0.0
+        m2[:m] = 0.0
+        for k in range(k_inputs):
+            row = tvs[k, c0:c0 + m]
+            n = np.float64(k + 1)
+            for i in range(m):   # Welford's update, as torch.var does it (no fused multiply-add)
+                x = np.float64(row[i])
+                d = x - mean[i]
+                mean[i] += d / n
+                m2[i] += (x - mean[i]) * d
+        for i in range(m):
+            out[c0 + i] = np.float32(m2[i] / k_inputs)
+
+
+def variance(tvs: torch.Tensor, columns: slice, out: torch.Tensor) -> bool:
+    """``torch.var(tvs, dim=0, unbiased=False)`` of [inputs, n] float32 over ``columns``
+    into ``out`` (flat, n), bit for bit: Welford's float64 updates in torch's order.
+    False, with ``out`` untouched, for tensors the loop does not take."""
+    if tvs.dtype != torch.float32 or tvs.dim() != 2 or tvs.device.type != "cpu" \
+            or not (tvs.is_contiguous() and out.is_contiguous()):
+        return False
+    a, b, _ = columns.indices(tvs.shape[1])
+    _variance(tvs.numpy(), a, b, _flat(out))
+    return True
+
+
 def warm() -> None:
     """Compile (or load from numba's cache) every loop now, not inside the first merge."""
     x = torch.zeros(4, dtype=torch.bfloat16)
@@ -346,4 +292,5 @@ def warm() -> None:
     for src in (x, base):
         kept_delta(src, base, (0, 0, 1), 1.0, out)
     wide = torch.zeros(1, 64)
+    variance(wide, slice(0, 64), wide[0].clone())
     consensus_merge(wide, torch.ones(1), wide[0], slice(0, 64), True, 1.0, wide[0].clone())

@@ -43,15 +43,20 @@ def variance(tvs: torch.Tensor) -> torch.Tensor:
 
     torch reduces across the inputs one entry at a time, with Welford's update
     in float64 (~200 ns per entry at K = 8 here); the same updates, in the
-    same order and precision, as vector operations on steps of columns give
-    the same numbers (``tests/test_streamed_sparsify.py`` checks) in a sixth
-    of the time, and the steps spread over the cores.
+    same order and precision, give the same numbers
+    (``tests/test_streamed_sparsify.py`` checks), as a compiled loop over
+    columns (:func:`.kernels.variance`) or, for other tensors, as torch vector
+    operations on steps of columns; the steps spread over the cores.
     """
     n_inputs = tvs.shape[0]
     flat = tvs.reshape(n_inputs, -1)
     out = torch.empty(flat.shape[1], dtype=tvs.dtype, device=tvs.device)
 
+    from mergepipe.methods import kernels
+
     def step(a: int) -> None:
+        if kernels.variance(flat, slice(a, a + VAR_STEP), out):
+            return
         x = flat[:, a:a + VAR_STEP].double()
         mean, m2 = torch.zeros_like(x[0]), torch.zeros_like(x[0])
         d, e = torch.empty_like(mean), torch.empty_like(mean)
