@@ -33,6 +33,7 @@ import torch
 from numba import njit, types
 from numba.extending import overload
 
+
 def _as_float(v):   # noqa: ANN001, ANN202 - numba picks an implementation by type
     """An input entry as float32: bf16 patterns (uint16) widened, float32 as is."""
 
