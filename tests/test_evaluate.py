@@ -141,3 +141,22 @@ def test_vllm_backend_says_how_to_install_when_missing(tmp_path, monkeypatch):
     with pytest.raises(MergePipeError, match="optional `vllm` package"):
         evaluate_model(built_test_world() / "base", _write(
             tmp_path / "t.jsonl", '{"prompt": "p", "answer": "1"}\n'), backend="vllm")
+
+
+def test_a_process_with_numba_loaded_survives_vllms_module_scan():
+    """vLLM's engine start reads ``vars(v)`` of every module global ``v`` that has a
+    ``__dict__``; llvmlite's library handle (loaded with numba, which the merge loops
+    use) claimed one and broke every engine start after a merge in the same process."""
+    import sys
+
+    from mergepipe.evaluate.vllm import _hide_llvmlite_dunders
+    from mergepipe.methods.kernels import warm
+
+    warm()
+    _hide_llvmlite_dunders()
+    for module in list(sys.modules.values()):   # the scan, as vLLM 0.32 does it
+        for value in list((getattr(module, "__dict__", None) or {}).values()):
+            if hasattr(value, "__dict__"):
+                vars(value).get("kernel")
+    import llvmlite.binding.ffi as ffi
+    assert ffi.lib.LLVMPY_GetVersionInfo is not None   # its functions still resolve

@@ -45,6 +45,8 @@ BEFORE_START: dict = {}
 @pytest.fixture(scope="module")
 def vllm_engine(pair):
     from mergepipe.evaluate.vllm import VLLMBackend
+    from mergepipe.methods.kernels import warm
+    warm()   # numba loaded, as in a worker that merged before its engine started
     BEFORE_START.update(threads=torch.get_num_threads(), set_num_threads=torch.set_num_threads,
                         rng=torch.get_rng_state(), env=dict(os.environ))
     engine = VLLMBackend(pair["a"])

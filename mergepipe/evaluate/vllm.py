@@ -19,6 +19,7 @@ import contextlib
 import importlib.util
 import os
 import random
+import sys
 import time
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -40,6 +41,29 @@ def _on_cpu() -> bool:
     return not torch.cuda.is_available()
 
 
+def _hide_llvmlite_dunders() -> None:
+    """Let vLLM's engine start in a process that has loaded numba (a merge's loops).
+
+    At start vLLM scans every module's globals and reads ``vars(value)`` of each
+    value that has a ``__dict__``. llvmlite's library handle answers any missing
+    attribute with a function wrapper, ``__dict__`` included, so the scan failed
+    ("'_lib_fn_wrapper' object has no attribute 'get'"). Its functions are all
+    named ``LLVMPY_*``: double-underscore names are refused instead.
+    """
+    ffi = sys.modules.get("llvmlite.binding.ffi")
+    cls = type(getattr(ffi, "lib", None))
+    lookup = getattr(cls, "__getattr__", None)
+    if ffi is None or lookup is None or getattr(lookup, "hides_dunders", False):
+        return
+
+    def __getattr__(self: Any, name: str) -> Any:
+        if name.startswith("__") and name.endswith("__"):
+            raise AttributeError(name)
+        return lookup(self, name)
+    __getattr__.hides_dunders = True   # type: ignore[attr-defined]
+    cls.__getattr__ = __getattr__
+
+
 @contextlib.contextmanager
 def _engine_start() -> Iterator[None]:
     """Start an engine in this process and leave the process as it was.
@@ -51,6 +75,7 @@ def _engine_start() -> Iterator[None]:
     after it here (generation, the next merge, a world build, a test) behaves as
     before. The in-process switch is set for the start only.
     """
+    _hide_llvmlite_dunders()
     key = "VLLM_ENABLE_V1_MULTIPROCESSING"
     env = os.environ.get(key)
     if env is None:
