@@ -161,20 +161,6 @@ class _Cut:
             return None   # counted in the block instead
         return self.per_block[self.block - 1]
 
-    def settle(self, n: int | None) -> str:
-        """This block's kind given its tie count ``n`` ("some" only where it holds both
-        kept and dropped ties, or their count is unknown), its ties counted as passed."""
-        kind = self.kind
-        if kind == "some" and n is not None:   # known count: most blocks keep all or none
-            first = self.seen
-            if not n or self.t1 <= first or first + n <= self.t0:
-                kind = "none"
-            elif self.t0 <= first and first + n <= self.t1:
-                kind = "all"
-            if kind != "some":
-                self.seen += n
-        return kind
-
     @property
     def kind(self) -> str:
         if self.t0 <= 0 and self.t1 >= self.equal:
@@ -251,7 +237,15 @@ class RankWindow:
         """Entries on the kept side of one boundary, with its kept ties."""
         step = 1 if is_lo else -1
         n = cut.next_block()
-        kind = cut.settle(n)
+        kind = cut.kind
+        if kind == "some" and n is not None:   # known count: most blocks keep all or none
+            first = cut.seen
+            if not n or cut.t1 <= first or first + n <= cut.t0:
+                kind = "none"
+            elif cut.t0 <= first and first + n <= cut.t1:
+                kind = "all"
+            if kind != "some":
+                cut.seen += n
         if kind != "some":
             return self._bound(bits, cut.bits if kind == "all" else cut.bits + step, is_lo)
         inclusive = self._bound(bits, cut.bits, is_lo)

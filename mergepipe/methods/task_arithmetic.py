@@ -308,7 +308,6 @@ class FamilyStream:
                 cols = slice(cols.start + done, cols.stop)
                 if cols.start == cols.stop:
                     return
-            if self.family.consensus:
                 mixed, divisor = _consensus(flat[:, cols], w, normalize)
             else:
                 mixed, divisor = flat[:, cols].sum(dim=0), total_w
