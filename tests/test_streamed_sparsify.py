@@ -144,6 +144,59 @@ def test_compiled_consensus_has_the_torch_codes_bits(n_inputs):
         assert torch.equal(got.view(torch.int32), (want * -0.7).view(torch.int32)), cut
 
 
+@pytest.mark.parametrize("n_inputs", [1, 2, 3, 8, 16, 17])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_compiled_weighted_sum_has_the_torch_codes_bits(n_inputs, dtype):
+    """Task arithmetic's one-pass loop against the torch code it stands in for, bit
+    for bit: each delta weighted, the deltas summed in input order from +0.0 (signed
+    zeros included), lambda, then the base added. Above CONSENSUS_MAX_INPUTS and in
+    a slice's last columns the loop leaves the work to torch."""
+    from mergepipe.methods.kernels import CONSENSUS_MAX_INPUTS, weighted_sum_merge
+
+    g = torch.Generator().manual_seed(100 + n_inputs)
+    n = 70_001
+    base = torch.randn(n, generator=g).to(dtype).float()
+    base[:400:3] = -0.0
+    xs = [(base + torch.randn(n, generator=g) * 1e-2).to(dtype) for _ in range(n_inputs)]
+    for x in xs:
+        x[:400] = base[:400].to(dtype)   # zero deltas over signed-zero bases
+    for weights, lam in itertools.product(([0.3] * n_inputs,
+                                           torch.linspace(-1, 1, n_inputs).tolist()),
+                                          (1.0, 0.7)):
+        deltas = torch.stack([(x.float() - base) * w for x, w in zip(xs, weights)])
+        mixed = deltas.sum(dim=0)
+        want = base + (mixed * lam if lam != 1 else mixed)
+        got = torch.full((n,), float("nan"))
+        done = weighted_sum_merge(xs, weights, base, slice(5, n), lam, got)
+        assert done == (n - 5) // 64 * 64 * (n_inputs <= CONSENSUS_MAX_INPUTS)
+        assert got[:5].isnan().all() and got[5 + done:].isnan().all()
+        assert torch.equal(got[5:5 + done].view(torch.int32), want[5:5 + done].view(torch.int32))
+    assert weighted_sum_merge([xs[0], xs[0].float()] if dtype == torch.bfloat16 else
+                              [xs[0], xs[0].bfloat16()], [1.0, 1.0], base, slice(0, n), 1.0,
+                              got) == 0   # mixed dtypes: the torch code runs
+
+
+@pytest.mark.parametrize("lam", [1.0, 0.6])
+def test_task_arithmetic_blocks_equal_the_torch_code(lam, monkeypatch):
+    """A block merged by the loop with torch taking its last columns has the bytes
+    of the torch code alone (bf16 inputs, a size no multiple of 64, a skipped input)."""
+    from mergepipe.methods import kernels
+    from mergepipe.methods.base import TensorContext, get_method
+
+    g = torch.Generator().manual_seed(9)
+    base = torch.randn(37, 1001, generator=g).bfloat16().float()
+    xs = [(base + torch.randn(base.shape, generator=g) * 0.01).bfloat16() for _ in range(3)]
+    inputs = [xs[0], base, xs[1], xs[2]]   # the base itself: an unselected input
+    ctx = TensorContext("t", tuple(base.shape), ("a", "b", "c", "d"))
+    params = {"weight": [0.4, 0.2, -0.3, 0.5], "normalize": False, "lambda": lam,
+              "rescale": False, "int8_mask": False}
+    fn = get_method("task_arithmetic").fn
+    got = fn(ctx, base, inputs, params)
+    monkeypatch.setattr(kernels, "weighted_sum_merge", lambda *a, **k: 0)
+    want = fn(ctx, base, inputs, params)
+    assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_selection_from_inputs_finds_the_boundaries_of_their_deltas(dtype):
     """RankSelect fed (x, base) blocks, as TIES feeds it, finds what it finds from the

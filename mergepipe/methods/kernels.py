@@ -1,4 +1,4 @@
-"""Compiled loops for the per-entry work of TIES-style merges.
+"""Compiled loops for the per-entry work of merges (the task-arithmetic family, SCE).
 
 The statistics passes. Finding a magnitude threshold exactly (:mod:`.select`) visits every entry of
 every input twice: once to count the high 16 bits of ``|x − base|`` and once
@@ -16,7 +16,9 @@ torch needs five operations or more; then one loop per
 column step elects signs and averages (:func:`consensus_merge`), summing over
 the inputs in their order as torch's ``sum(dim=0)`` does in its main loop for
 up to :data:`CONSENSUS_MAX_INPUTS` inputs; the torch code runs for more inputs
-and for a step's last columns, which torch sums in another order. SCE's
+and for a step's last columns, which torch sums in another order. Plain task
+arithmetic needs no delta in memory at all: :func:`weighted_sum_merge` reads
+each input once and sums its weighted delta in the same order. SCE's
 variance across the inputs (:func:`variance`) is Welford's float64 update, as
 torch.var computes it, one column at a time in a vectorised loop.
 
@@ -248,6 +250,51 @@ def consensus_merge(deltas: torch.Tensor, weights: torch.Tensor, base: torch.Ten
 
 
 @njit(nogil=True, cache=True)
+def _add_weighted(x: np.ndarray, base: np.ndarray, wk: np.float32, total: np.ndarray) -> None:
+    for i in range(x.size):
+        total[i] += np.float32(_as_float(x[i]) - base[i]) * wk
+
+
+@njit(nogil=True, cache=True)
+def _weighted_sum(xs, base: np.ndarray, w: np.ndarray, a: int, b: int, lam: np.float32,
+                  out: np.ndarray) -> None:
+    # xs: a tuple of same-typed inputs; one pass over each, no delta written to memory
+    total = np.empty(_COLUMN_CHUNK, dtype=np.float32)
+    one = np.float32(1.0)
+    for c0 in range(a, b, _COLUMN_CHUNK):
+        m = min(_COLUMN_CHUNK, b - c0)
+        total[:m] = np.float32(0.0)
+        for k in range(len(xs)):   # a call per input: the loop over a tuple item vectorises
+            _add_weighted(xs[k][c0:c0 + m], base[c0:c0 + m], w[k], total[:m])
+        for i in range(m):
+            s = total[i]
+            if lam != one:
+                s = s * lam
+            out[c0 + i] = base[c0 + i] + s
+
+
+def weighted_sum_merge(inputs: list[torch.Tensor], weights: list[float], base: torch.Tensor,
+                       columns: slice, lam: float, out: torch.Tensor) -> int:
+    """``base + lam · Σ weight_k · (input_k − base)`` into ``out`` (all flat, float32 math)
+    over the leading columns of ``columns`` that torch sums row by row, as task
+    arithmetic's torch code computes it (each delta weighted, the deltas summed in
+    input order from +0.0); returns how many columns (0 where the torch code must
+    run). Inputs are all bfloat16 or all float32, at most :data:`CONSENSUS_MAX_INPUTS`."""
+    dtypes = {x.dtype for x in inputs}
+    if not inputs or len(inputs) > CONSENSUS_MAX_INPUTS or len(dtypes) != 1 \
+            or dtypes.pop() not in (torch.bfloat16, torch.float32) \
+            or base.dtype != torch.float32 or out.dtype != torch.float32 \
+            or any(t.device.type != "cpu" or not t.is_contiguous() for t in (*inputs, base, out)):
+        return 0
+    a, b, _ = columns.indices(base.numel())
+    b = a + (b - a) // TORCH_ROW_ORDER_COLUMNS * TORCH_ROW_ORDER_COLUMNS
+    if b > a:
+        _weighted_sum(tuple(_flat(x) for x in inputs), _flat(base),
+                      np.asarray(weights, dtype=np.float32), a, b, np.float32(lam), _flat(out))
+    return b - a
+
+
+@njit(nogil=True, cache=True)
 def _variance(tvs: np.ndarray, a: int, b: int, out: np.ndarray) -> None:
     k_inputs = tvs.shape[0]
     mean = np.empty(_COLUMN_CHUNK, dtype=np.float64)
@@ -292,6 +339,9 @@ def warm() -> None:
     out = torch.empty(4)
     for src in (x, base):
         kept_delta(src, base, (0, 0, 1), 1.0, out)
+    row, base_row = torch.zeros(64, dtype=torch.bfloat16), torch.zeros(64)
+    for src in (row, base_row):
+        weighted_sum_merge([src], [1.0], base_row, slice(0, 64), 1.0, base_row.clone())
     wide = torch.zeros(1, 64)
     variance(wide, slice(0, 64), wide[0].clone())
     consensus_merge(wide, torch.ones(1), wide[0], slice(0, 64), True, 1.0, wide[0].clone())

@@ -279,6 +279,21 @@ class FamilyStream:
                 if x is not base or not self.inputs[k].skip_zeros(base)]
         if not live:
             return base.clone()
+        normalize, lam = bool(params["normalize"]), float(params["lambda"])
+        shape = base.shape
+        merged = torch.empty(base.numel(), dtype=base.dtype, device=base.device)
+        done = 0
+        if self.family.sparsify is None and not self.family.consensus and not normalize:
+            # plain task arithmetic: one compiled pass per step, no delta in memory; the
+            # torch code below takes the last columns, which torch sums in another order
+            done = sum(each(lambda a: kernels.weighted_sum_merge(
+                [tensors[k].reshape(-1) for k in live], [weights[k] for k in live],
+                base.reshape(-1), slice(a, min(a + STEP_COLUMNS, base.numel())), lam, merged),
+                range(0, base.numel(), STEP_COLUMNS)))
+            if done == base.numel():
+                return merged.reshape(shape)
+        if done:   # the flat columns still to merge (DELLA's rows never get here)
+            base, tensors = base.reshape(-1)[done:], [x.reshape(-1)[done:] for x in tensors]
         deltas = torch.empty((len(live), *base.shape), dtype=base.dtype, device=base.device)
 
         def one(j: int) -> None:   # one input's temporaries per thread at a time
@@ -294,9 +309,7 @@ class FamilyStream:
         each(one, range(len(live)))
         w = torch.tensor([weights[k] for k in live], dtype=base.dtype,
                          device=base.device).reshape(-1, 1)
-        flat, base_flat = deltas.reshape(len(live), -1), base.reshape(-1)
-        merged = torch.empty_like(base_flat)
-        normalize, lam = bool(params["normalize"]), float(params["lambda"])
+        flat, base_flat, tail = deltas.reshape(len(live), -1), base.reshape(-1), merged[done:]
         # every input's weight (float32, as mergekit sums them), skipped ones too
         total_w = float(torch.tensor(weights, dtype=base.dtype).sum())
         total_w = total_w if abs(total_w) >= 1e-8 else 1.0
@@ -304,8 +317,8 @@ class FamilyStream:
         def step(a: int) -> None:   # the columns [a, a + STEP_COLUMNS), alone
             cols = slice(a, min(a + STEP_COLUMNS, base_flat.numel()))
             if self.family.consensus:   # compiled for the leading columns, torch for the rest
-                done = kernels.consensus_merge(flat, w, base_flat, cols, normalize, lam, merged)
-                cols = slice(cols.start + done, cols.stop)
+                ready = kernels.consensus_merge(flat, w, base_flat, cols, normalize, lam, tail)
+                cols = slice(cols.start + ready, cols.stop)
                 if cols.start == cols.stop:
                     return
                 mixed, divisor = _consensus(flat[:, cols], w, normalize)
@@ -315,9 +328,9 @@ class FamilyStream:
                 mixed /= divisor
             if lam != 1:
                 mixed *= lam
-            torch.add(base_flat[cols], mixed, out=merged[cols])
+            torch.add(base_flat[cols], mixed, out=tail[cols])
         each(step, range(0, base_flat.numel(), STEP_COLUMNS))
-        return merged.reshape(base.shape)
+        return merged.reshape(shape)
 
 
 # columns of the [inputs, n] deltas merged per step: they stay in the CPU cache, and
