@@ -286,10 +286,11 @@ class FamilyStream:
         if self.family.sparsify is None and not self.family.consensus and not normalize:
             # plain task arithmetic: one compiled pass per step, no delta in memory; the
             # torch code below takes the last columns, which torch sums in another order
+            inputs, live_w, n = [tensors[k].reshape(-1) for k in live], \
+                [weights[k] for k in live], base.numel()
             done = sum(each(lambda a: kernels.weighted_sum_merge(
-                [tensors[k].reshape(-1) for k in live], [weights[k] for k in live],
-                base.reshape(-1), slice(a, min(a + STEP_COLUMNS, base.numel())), lam, merged),
-                range(0, base.numel(), STEP_COLUMNS)))
+                inputs, live_w, base.reshape(-1), slice(a, min(a + STEP_COLUMNS, n)), lam,
+                merged), range(0, n, STEP_COLUMNS)))
             if done == base.numel():
                 return merged.reshape(shape)
         if done:   # the flat columns still to merge (DELLA's rows never get here)
