@@ -62,8 +62,8 @@ def run_one(cat, home: Path, world: Path, algorithm: str, seed: int, args: argpa
 def table(rows: list[dict], label: str) -> list[str]:
     out = [f"### {label}", "",
            "| algorithm | runs | HV median | HV IQR | wall s (median) | utilisation (median) "
-           "| while work was left | idle after the last handout |",
-           "|---|---|---|---|---|---|---|---|"]
+           "| while work was left | idle after the last handout | helping (share of busy) |",
+           "|---|---|---|---|---|---|---|---|---|"]
     by_alg: dict[str, list[dict]] = {}
     for r in rows:
         by_alg.setdefault(r["algorithm"], []).append(r)
@@ -73,7 +73,8 @@ def table(rows: list[dict], label: str) -> list[str]:
                    f"{statistics.median(r['wall_s'] for r in rs):.1f} | "
                    f"{statistics.median(r['utilisation'] for r in rs):.0%} | "
                    f"{statistics.median(r['utilisation_while_work_left'] for r in rs):.0%} | "
-                   f"{statistics.median(r['drain_idle'] for r in rs):.0%} |")
+                   f"{statistics.median(r['drain_idle'] for r in rs):.0%} | "
+                   f"{statistics.median(r['helper_s'] / r['busy_s'] for r in rs):.0%} |")
     return out + [""]
 
 
@@ -161,9 +162,13 @@ def main() -> None:
               "(−0.2, −0.2); the grids do not depend on the seed. Utilisation is busy / "
               "(workers × wall); 'while work was left' is the same up to the moment the last "
               "trial was handed out, and 'idle after the last handout' is the share of worker "
-              "time spent with no trial left to run while the slowest ones finish (the "
-              "budget's drain, which no scheduler can fill without more evaluations). "
-              "Evaluation workers are processes "
+              "time spent with nothing to run while the slowest trials finish (the budget's "
+              "drain). A worker with no new trial to run helps an in-flight one: it loads the "
+              "same candidate and scores generation batches its owner has not reached "
+              "(mergepipe/search/sharing.py); 'helping' is the share of busy time spent so, "
+              "loads included. The stretch multiplies generation time only (what varies "
+              "between candidates), for owners and helpers alike. Evaluation workers are "
+              "processes "
               f"on the same cores as the coordinator. Machine: {machine()}.", "",
               "Command: `python " + " ".join(sys.argv) + "`"]
     text = "\n".join(lines)

@@ -8,7 +8,8 @@ from __future__ import annotations
 from sqlalchemy import (BigInteger, Column, DateTime, Double, Integer, LargeBinary,
                         MetaData, String, Table, Text)
 
-SCHEMA_VERSION = 3  # 2: models.repo_id and models.revision; 3: searches.summary_json
+SCHEMA_VERSION = 4  # 2: models.repo_id and models.revision; 3: searches.summary_json;
+#                      4: trials.busy_s
 
 metadata = MetaData()
 
@@ -208,12 +209,14 @@ trials = Table(
     Column("started_at", DateTime),
     Column("finished_at", DateTime),
     Column("error", Text),
+    Column("busy_s", Double),     # worker seconds: more than the span when workers shared it
 )
 
 
 # Columns added after a table first shipped: an older catalog gains them on open
 # (create_all makes missing tables, never missing columns).
-ADDED_COLUMNS = [(models, "repo_id"), (models, "revision"), (searches, "summary_json")]
+ADDED_COLUMNS = [(models, "repo_id"), (models, "revision"), (searches, "summary_json"),
+                 (trials, "busy_s")]
 
 
 # Views for people who query lineage with SQL: names instead of ids.

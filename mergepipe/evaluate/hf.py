@@ -79,13 +79,24 @@ class TransformersBackend:
                 return i + 1
         return len(ids)
 
+    def batches(self, prompts: Sequence[str]) -> list[list[int]]:
+        """The groups of prompt indices `generate` runs together, in its order.
+
+        Each group is generated on its own, so running one group alone (in this
+        order) gives exactly its completions in the whole run: a search lets
+        idle workers take groups of a slow evaluation (`search/sharing.py`).
+        """
+        return self._batches([self.tok(p)["input_ids"] for p in prompts])
+
+    def _batches(self, encoded: list[list[int]]) -> list[list[int]]:
+        order = sorted(range(len(encoded)), key=lambda i: (len(encoded[i]), i))
+        return [order[s:s + self.batch_size] for s in range(0, len(order), self.batch_size)]
+
     @torch.inference_mode()
     def generate(self, prompts: Sequence[str], max_new_tokens: int) -> list[Generation]:
         encoded = [self.tok(p)["input_ids"] for p in prompts]
-        order = sorted(range(len(prompts)), key=lambda i: (len(encoded[i]), i))
         results: list[Generation | None] = [None] * len(prompts)
-        for start in range(0, len(order), self.batch_size):
-            chunk = order[start:start + self.batch_size]
+        for chunk in self._batches(encoded):
             batch = self.tok.pad({"input_ids": [encoded[i] for i in chunk]},
                                  return_tensors="pt").to(self.device)
             out = self.model.generate(

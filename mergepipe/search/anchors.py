@@ -16,6 +16,7 @@ from mergepipe.search.config import SearchConfig
 from mergepipe.search.jobs import EvaluateJob, TaskRef
 from mergepipe.search.objectives import Anchors, TaskAnchor
 from mergepipe.search.resident import ResidentEvaluateJob
+from mergepipe.search.sharing import combine
 from mergepipe.search.workers import WorkerPool
 
 
@@ -72,11 +73,12 @@ def evaluate_sources(cat: Catalog, models: list[dict[str, Any]], tasks: list[Tas
             if not r.ok:
                 raise MergePipeError(f"evaluating source model {m['name']} failed: "
                                      f"{(r.error or '').splitlines()[0]}")
-            for task, met in r.value["metrics"].items():
+            metrics = combine([r.value], tasks)
+            for task, met in metrics.items():
                 cat.record_evaluation(m["model_id"], task, {
                     "accuracy": met["accuracy"], "mean_tokens": met["mean_tokens"]},
                     n=met["n"], backend=met["backend"], split="test", wall_s=met["wall_s"])
-            results[m["model_id"]] = r.value["metrics"]
+            results[m["model_id"]] = metrics
     return results
 
 

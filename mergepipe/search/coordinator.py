@@ -14,7 +14,7 @@ import os
 import shutil
 import sys
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -22,6 +22,7 @@ import torch
 from tqdm import tqdm
 
 from mergepipe.catalog.store import Catalog, now
+from mergepipe.errors import MergePipeError
 from mergepipe.planner.resolve import resolve_model
 from mergepipe.runs.apply import build_and_store
 from mergepipe.runs.recovery import recover
@@ -36,6 +37,7 @@ from mergepipe.search.prior_build import ensure_prior
 from mergepipe.search.proposer import Proposer, propose_points
 from mergepipe.search.report import session_of, summarise
 from mergepipe.search.resident import ResidentJob
+from mergepipe.search.sharing import combine, slot_of
 from mergepipe.search.space import LayerSpace
 from mergepipe.search.workers import LocalPool, TrialResult, WorkerPool
 
@@ -46,6 +48,11 @@ class InFlight:
     plan: Any
     ticket: Any | None            # None when an existing commit is only re-evaluated
     model_id: str | None = None
+    worker: str | None = None     # the owner
+    job: Any = None               # what the owner runs; helpers run a copy
+    slot: int | None = None       # the trial's shared unit counter, if the pool has them
+    jobs: int = 1                 # jobs of this trial still out (owner and helpers)
+    parts: list[TrialResult] = field(default_factory=list)
 
 
 def search_root(home: Path, search_id: str, cfg: SearchConfig) -> Path:
@@ -175,7 +182,12 @@ class SearchRun:
                     for x in self._propose(n):
                         self._dispatch(pool, self.next_trial, x, free.pop(0))
                         self.next_trial += 1
-                for r in unrecorded:              # the freed workers already have new work
+                if free and pool.board is not None:   # nothing new to run: help a slow one
+                    self._share(pool, free)
+                for share in unrecorded:          # the freed workers already have new work
+                    r = self._gather(share)
+                    if r is None:                 # other shares of the trial are still out
+                        continue
                     self._record(r, self.inflight.pop(r.trial))
                     if r.ok:
                         self.busy_s.append(r.busy_s)
@@ -205,7 +217,8 @@ class SearchRun:
                         ready = batch[1] if batch else ready
                     continue
                 waiting_on_proposer = proposer is not None and proposer.busy and pool.free()
-                unrecorded = pool.wait(timeout=0.05 if waiting_on_proposer else None)
+                poll = waiting_on_proposer or self._may_share(pool)
+                unrecorded = pool.wait(timeout=0.05 if poll else None)
         finally:
             if proposer is not None:
                 proposer.close()
@@ -228,10 +241,64 @@ class SearchRun:
         """What a log file gets per finished trial: outcome, objectives, front so far."""
         f_acc, f_cost = self.Y[-1]
         head = f"search {self.sid[:8]} trial {r.trial} ({len(self.Y)}/{self.cfg.n_total})"
+        where = r.worker + (f" and {r.shares - 1} helper{'s' * (r.shares > 2)}"
+                            if r.shares > 1 else "")
         if r.trial in self.failed:
-            return f"{head} failed on {r.worker} after {r.busy_s:.1f}s"
-        return (f"{head} done on {r.worker} in {r.busy_s:.1f}s: f_acc {f_acc:.4f} "
+            return f"{head} failed on {where} after {r.busy_s:.1f}s"
+        return (f"{head} done on {where} in {r.busy_s:.1f}s: f_acc {f_acc:.4f} "
                 f"f_cost {f_cost:.4f}, hypervolume {hypervolume(self.Y):.4f}")
+
+    # -- shared evaluations -------------------------------------------------
+    def _share(self, pool: WorkerPool, free: list[str]) -> None:
+        """Send each free worker to the in-flight trial with the most unclaimed units.
+
+        A helper pays a model load (or an in-memory merge) before its first unit, so
+        it only goes where at least as many units are unclaimed as jobs are already on
+        the trial (each of those claims one next).
+        """
+        board = pool.board
+        assert board is not None
+        while free:
+            spare = {t: board.left(i.slot) - i.jobs for t, i in self.inflight.items()
+                     if i.slot is not None}
+            trial = max(spare, key=lambda t: (spare[t], -t), default=None)
+            if trial is None or spare[trial] < 0:
+                return
+            inf = self.inflight[trial]
+            pool.submit(free.pop(0), trial, replace(inf.job, helper=True))
+            inf.jobs += 1
+
+    def _may_share(self, pool: WorkerPool) -> bool:
+        """Whether a free worker may yet find units to take (so the loop must look again)."""
+        board = pool.board
+        return board is not None and bool(pool.free()) and any(
+            i.slot is not None and board.may_share(i.slot) for i in self.inflight.values())
+
+    def _gather(self, share: TrialResult) -> TrialResult | None:
+        """The trial's result once all its units are back (or a share failed); else None."""
+        inf = self.inflight.get(share.trial)
+        if inf is None:          # a late helper of a trial already recorded
+            return None
+        inf.jobs -= 1
+        inf.parts.append(share)
+        parts = inf.parts
+        ok = all(p.ok for p in parts)
+        owner = next((p for p in parts if p.worker == inf.worker), None)
+        if ok and inf.jobs and (owner is None or sum(len(p.value["units"]) for p in parts)
+                                < max(p.value["n_units"] for p in parts)):
+            return None          # the owner (it holds the merge report) or units still out
+        owner = owner or parts[0]
+        result = TrialResult(share.trial, owner.worker, ok, {},
+                             next((p.error for p in parts if not p.ok), None),
+                             min(p.started for p in parts), max(p.finished for p in parts),
+                             work_s=sum(p.busy_s for p in parts), shares=len(parts))
+        if ok:
+            try:
+                result.value = {"metrics": combine([p.value for p in parts], self.tasks),
+                                "report": owner.value.get("report")}
+            except MergePipeError as exc:
+                result.ok, result.error = False, str(exc)
+        return result
 
     def _propose(self, n: int) -> list[list[float]]:
         return propose_points(self.alg, self.X, self.Y, [i.x for i in self.inflight.values()],
@@ -260,6 +327,11 @@ class SearchRun:
             inf = InFlight(list(x), plan, ticket)
             job = MergeEvaluateJob(plan, ticket.staging, self.tasks, self.cfg.device, stretch,
                                    self.cfg.backend)
+        if pool.board is not None:
+            inf.slot = slot_of(trial)
+            pool.board.arm(inf.slot)
+            job.slot = inf.slot
+        inf.job, inf.worker = job, worker
         trials.submit_trial(self.cat, self.sid, trial, x, plan.plan_id, worker)
         self.inflight[trial] = inf
         pool.submit(worker, trial, job)
@@ -287,7 +359,7 @@ class SearchRun:
                             n=m["n"], backend=m["backend"], split="test", wall_s=m["wall_s"])
                     trials.finish_trial(
                         self.cat, self.sid, r.trial, ok=True, objectives=f, started=r.started,
-                        finished=r.finished, model_id=model_id,
+                        finished=r.finished, busy_s=r.busy_s, model_id=model_id,
                         accuracy=sum(m["accuracy"] for m in metrics.values()) / k,
                         mean_tokens=sum(m["mean_tokens"] for m in metrics.values()) / k)
                 self.X.append(inf.x)
@@ -300,7 +372,8 @@ class SearchRun:
             abort_run(self.cat, inf.ticket)
         # a model committed before the failure stays, with its lineage, and the trial names it
         trials.finish_trial(self.cat, self.sid, r.trial, ok=False, objectives=REF_POINT,
-                           started=r.started, finished=r.finished, model_id=model_id,
+                           started=r.started, finished=r.finished, busy_s=r.busy_s,
+                           model_id=model_id,
                            error=(error or "")[:4000])
         self.failed.add(r.trial)
         self.X.append(inf.x)

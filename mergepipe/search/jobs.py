@@ -6,7 +6,6 @@ self-contained), so they run unchanged in a local process or a Ray actor.
 from __future__ import annotations
 
 import random
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,20 +20,13 @@ class TaskRef:
     max_new_tokens: int | None = None
 
 
-def evaluate_dir(model_dir: str, tasks: list[TaskRef], device: str,
-                 backend: str = "transformers") -> dict[str, dict[str, float]]:
-    """Accuracy and mean generated tokens of ``model_dir`` on each task."""
-    from mergepipe.evaluate import evaluate_model
-    out = {}
-    for t in tasks:
-        kwargs: dict[str, Any] = {"limit": t.limit, "device": device, "backend": backend}
-        if t.max_new_tokens:
-            kwargs["max_new_tokens"] = t.max_new_tokens
-        res = evaluate_model(model_dir, t.path, **kwargs)
-        out[t.name] = {"accuracy": float(res.accuracy), "mean_tokens": float(res.mean_tokens),
-                       "n": int(res.n), "wall_s": float(getattr(res, "wall_s", 0.0) or 0.0),
-                       "backend": str(getattr(res, "backend", "transformers"))}
-    return out
+def score_dir(model_dir: str, tasks: list[TaskRef], device: str, backend: str,
+              slot: int | None, stretch: float) -> dict[str, Any]:
+    """Load ``model_dir`` once and score the units of ``tasks`` this job claims."""
+    from mergepipe.evaluate.runner import load_backend
+    from mergepipe.search.sharing import score_units
+    engine = load_backend(backend, model_dir, device=device)
+    return score_units(engine, tasks, slot, stretch)
 
 
 def stretch_factor(seed: int, trial: int, alpha: float | None, cap: float = 20.0) -> float:
@@ -47,24 +39,36 @@ def stretch_factor(seed: int, trial: int, alpha: float | None, cap: float = 20.0
 
 @dataclass
 class EvaluateJob:
-    """Score an existing model directory (the two anchors, or a reused commit)."""
+    """Score an existing model directory (the two anchors, or a reused commit).
+
+    ``slot`` names the trial's shared unit counter (:mod:`mergepipe.search.sharing`);
+    a ``helper`` copy of the job scores units its owner has not claimed yet.
+    """
 
     model_dir: str
     tasks: list[TaskRef]
     device: str = "cpu"
     stretch: float = 1.0
     backend: str = "transformers"
+    slot: int | None = None
+    helper: bool = False
 
     def run(self) -> dict[str, Any]:
-        t0 = time.time()
-        metrics = evaluate_dir(self.model_dir, self.tasks, self.device, self.backend)
-        _stretch(time.time() - t0, self.stretch)
-        return {"metrics": metrics, "report": None}
+        from mergepipe.search.sharing import has_work, nothing_left
+        if self.helper and not has_work(self.slot):
+            return nothing_left()
+        value = score_dir(self.model_dir, self.tasks, self.device, self.backend, self.slot,
+                          self.stretch)
+        return {**value, "report": None}
 
 
 @dataclass
 class MergeEvaluateJob:
-    """Execute a plan into its staging directory, then score what was written there."""
+    """Execute a plan into its staging directory, then score what was written there.
+
+    A ``helper`` copy only scores: its owner has written the staging directory
+    before any unit can be left for others.
+    """
 
     plan: Any
     staging: str
@@ -72,17 +76,15 @@ class MergeEvaluateJob:
     device: str = "cpu"
     stretch: float = 1.0
     backend: str = "transformers"
+    slot: int | None = None
+    helper: bool = False
 
     def run(self) -> dict[str, Any]:
         from mergepipe.engine.execute import execute_plan
-        t0 = time.time()
-        report = execute_plan(self.plan, self.staging, device=self.device)
-        metrics = evaluate_dir(self.staging, self.tasks, self.device, self.backend)
-        _stretch(time.time() - t0, self.stretch)
-        return {"metrics": metrics, "report": report}
-
-
-def _stretch(elapsed: float, factor: float) -> None:
-    """Emulate a slower evaluator: wait (factor − 1) × the real time taken."""
-    if factor > 1.0:
-        time.sleep((factor - 1.0) * elapsed)
+        from mergepipe.search.sharing import has_work, nothing_left
+        if self.helper and not has_work(self.slot):
+            return nothing_left()
+        report = None if self.helper else execute_plan(self.plan, self.staging, device=self.device)
+        value = score_dir(self.staging, self.tasks, self.device, self.backend, self.slot,
+                          self.stretch)
+        return {**value, "report": report}

@@ -62,6 +62,7 @@ class RayPool:
                 "num_cpus": size, "object_store_memory": 200 << 20}
             ray.init(include_dashboard=False, log_to_driver=False, **kwargs)
         self.size = size
+        self.board = None   # actors share no memory: each evaluation runs whole on one
         self._cls = ray.remote(num_cpus=1, max_restarts=0)(_Evaluator)
         self._names = [f"{prefix}{i}" for i in range(size)]
         self._actors = {n: self._cls.remote(n) for n in self._names}

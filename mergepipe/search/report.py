@@ -19,30 +19,38 @@ def session_of(worker: str | None) -> str:
 
 
 def timing(rows: list[dict[str, Any]], workers: int) -> dict[str, float]:
-    """Busy seconds, wall seconds (summed over sessions), utilisation, and the share
-    of worker time idle after the last trial was handed out.
+    """Busy seconds (``helper_s`` of them spent helping another worker's trial), wall
+    seconds (summed over sessions), utilisation, and the share of worker time idle
+    after the last trial was handed out.
 
     That last share is the budget's drain: once every trial is out, a worker that
-    finishes has nothing left to run while the slowest evaluations end, whatever
-    the scheduler does. ``utilisation_while_work_left`` is the utilisation before
-    it, the part the coordinator answers for.
+    finishes can only help the slowest evaluations end (take units of them), and
+    is idle once none has a unit left. ``utilisation_while_work_left`` is the
+    utilisation before it. A trial's busy time is its workers' seconds (owner and
+    helpers, ``busy_s``), spread evenly over the trial's span for the split.
     """
-    spans: dict[str, list[tuple[Any, Any, Any]]] = defaultdict(list)
-    busy = 0.0
+    spans: dict[str, list[tuple[Any, Any, Any, float]]] = defaultdict(list)
+    busy = helped = 0.0
     for r in rows:
         if r["status"] in trials.FINISHED and r["started_at"] and r["finished_at"]:
-            busy += (r["finished_at"] - r["started_at"]).total_seconds()
+            span = (r["finished_at"] - r["started_at"]).total_seconds()
+            worked = span if r.get("busy_s") is None else r["busy_s"]
+            busy += worked
+            helped += max(0.0, worked - span)
+            # workers busy on the trial at a time: helpers' seconds spread over its span
+            width = worked / span if span > 0 else 1.0
             spans[session_of(r["worker"])].append((r["submitted_at"] or r["started_at"],
-                                                   r["started_at"], r["finished_at"]))
+                                                   r["started_at"], r["finished_at"], width))
     wall = before_wall = before_busy = 0.0
     for s in spans.values():
-        start, end = min(a for a, _, _ in s), max(f for _, _, f in s)
-        last_out = max(a for a, _, _ in s)
+        start, end = min(a for a, _, _, _ in s), max(f for _, _, f, _ in s)
+        last_out = max(a for a, _, _, _ in s)
         wall += (end - start).total_seconds()
         before_wall += (last_out - start).total_seconds()
-        before_busy += sum(max(0.0, (min(f, last_out) - b).total_seconds()) for _, b, f in s)
+        before_busy += sum(w * max(0.0, (min(f, last_out) - b).total_seconds())
+                           for _, b, f, w in s)
     drain = workers * (wall - before_wall) - (busy - before_busy)
-    return {"busy_s": busy, "wall_s": wall,
+    return {"busy_s": busy, "wall_s": wall, "helper_s": helped,
             "utilisation": busy / (workers * wall) if wall > 0 else 0.0,
             "drain_idle": drain / (workers * wall) if wall > 0 else 0.0,
             "utilisation_while_work_left": (before_busy / (workers * before_wall)
@@ -93,7 +101,7 @@ def summarise(cat: Catalog, search_id: str) -> dict[str, Any]:
         "hypervolume": hypervolume([[r["f_acc"], r["f_cost"]] for r in pts], REF_POINT),
         "pareto": len(pareto_trials(rows, source_points(s))),
         "utilisation": t["utilisation"], "wall_s": t["wall_s"], "busy_s": t["busy_s"],
-        "drain_idle": t["drain_idle"],
+        "drain_idle": t["drain_idle"], "helper_s": t["helper_s"],
         "utilisation_while_work_left": t["utilisation_while_work_left"],
         "workers": s["config"].get("workers"),
         "created_at": s["created_at"], "finished_at": s["finished_at"],

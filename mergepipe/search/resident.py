@@ -70,7 +70,11 @@ def live_module(engine: Any) -> torch.nn.Module:
 
 @dataclass
 class ResidentJob:
-    """Merge a plan in memory, swap it into the worker's live engine and score it."""
+    """Merge a plan in memory, swap it into the worker's live engine and score it.
+
+    A ``helper`` copy (see :mod:`mergepipe.search.sharing`) merges the same plan
+    into its own engine and scores the units the owner has not claimed yet.
+    """
 
     plan: Plan
     engine_dir: str              # the checkpoint the engine starts from (the base)
@@ -78,8 +82,13 @@ class ResidentJob:
     device: str = "cpu"
     backend: str = "transformers"
     stretch: float = 1.0
+    slot: int | None = None
+    helper: bool = False
 
     def run(self) -> dict[str, Any]:
+        from mergepipe.search.sharing import has_work, nothing_left, score_units
+        if self.helper and not has_work(self.slot):
+            return nothing_left()
         t0 = time.time()
         engine = resident_engine(self.backend, self.engine_dir, self.device)
         t1 = time.time()
@@ -95,10 +104,8 @@ class ResidentJob:
             t2 = time.time()
             swap_weights(live_module(engine), tensors)
             merge_s, load_s = t2 - t1, time.time() - t2
-        metrics = _score(engine, self.tasks)
-        from mergepipe.search.jobs import _stretch
-        _stretch(time.time() - t0, self.stretch)
-        return {"metrics": metrics, "report": None,
+        value = score_units(engine, self.tasks, self.slot, self.stretch)
+        return {**value, "report": None,
                 "overhead": {"engine_start_s": t1 - t0, "merge_s": merge_s, "load_s": load_s}}
 
 
@@ -117,6 +124,7 @@ class ResidentEvaluateJob:
     backend: str = "transformers"
 
     def run(self) -> dict[str, Any]:
+        from mergepipe.search.sharing import score_units
         engine = resident_engine(self.backend, self.engine_dir, self.device)
         if hasattr(engine, "load_dir"):
             engine.load_dir(self.model_dir)
@@ -124,17 +132,4 @@ class ResidentEvaluateJob:
             from safetensors.torch import load_file
             files = sorted(Path(self.model_dir).glob("*.safetensors"))
             swap_weights(live_module(engine), {k: v for f in files for k, v in load_file(f).items()})
-        return {"metrics": _score(engine, self.tasks), "report": None}
-
-
-def _score(engine: Any, tasks: list[Any]) -> dict[str, dict[str, Any]]:
-    from mergepipe.evaluate import load_task, run_task
-    from mergepipe.evaluate.runner import DEFAULT_MAX_NEW_TOKENS
-    metrics = {}
-    for t in tasks:
-        res = run_task(engine, load_task(t.path).head(t.limit),
-                       t.max_new_tokens or DEFAULT_MAX_NEW_TOKENS)
-        metrics[t.name] = {"accuracy": float(res.accuracy),
-                           "mean_tokens": float(res.mean_tokens), "n": int(res.n),
-                           "wall_s": float(res.wall_s), "backend": res.backend}
-    return metrics
+        return {**score_units(engine, self.tasks, None), "report": None}

@@ -86,13 +86,13 @@ def submit_trial(cat: Catalog, search_id: str, trial: int, x: Sequence[float], p
 
 def finish_trial(cat: Catalog, search_id: str, trial: int, *, ok: bool,
                  objectives: Sequence[float], started: float, finished: float,
-                 model_id: str | None = None, accuracy: float | None = None,
+                 busy_s: float | None = None, model_id: str | None = None, accuracy: float | None = None,
                  mean_tokens: float | None = None, error: str | None = None) -> None:
     cat.execute(T.update().where(T.c.search_id == search_id, T.c.trial == trial).values(
         status="DONE" if ok else "FAILED", f_acc=float(objectives[0]),
         f_cost=float(objectives[1]), model_id=model_id, accuracy=accuracy,
         mean_tokens=mean_tokens, error=error, started_at=epoch_to_dt(started),
-        finished_at=epoch_to_dt(finished)))
+        finished_at=epoch_to_dt(finished), busy_s=busy_s))
 
 
 def interrupted_trials(cat: Catalog, search_id: str) -> list[dict[str, Any]]:

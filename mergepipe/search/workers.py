@@ -16,6 +16,8 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from mergepipe.search.sharing import ClaimBoard
+
 
 class Job(Protocol):
     """A picklable unit of work; ``run`` executes inside the worker process."""
@@ -34,16 +36,19 @@ class TrialResult:
     error: str | None = None
     started: float = 0.0          # epoch seconds, measured in the worker
     finished: float = 0.0
+    work_s: float | None = None   # worker seconds, when shared by several workers
+    shares: int = 1               # jobs the result adds up (owner and helpers)
 
     @property
     def busy_s(self) -> float:
-        return max(0.0, self.finished - self.started)
+        return self.work_s if self.work_s is not None else max(0.0, self.finished - self.started)
 
 
 class WorkerPool(Protocol):
     """What the coordinator needs from a set of evaluators."""
 
     size: int
+    board: ClaimBoard | None      # shared unit counters, None where workers cannot share
 
     def free(self) -> list[str]: ...
 
@@ -57,8 +62,10 @@ class WorkerPool(Protocol):
 
 
 def _worker_main(name: str, inbox: "mp.Queue[Any]", outbox: "mp.Queue[Any]",
-                 warm: tuple[str, ...], ready: Any) -> None:
+                 warm: tuple[str, ...], ready: Any, board: Any = None) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    from mergepipe.search import sharing
+    sharing.BOARD = board
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     import torch  # imported here so the parent's thread settings don't leak in
     torch.set_num_threads(1)
@@ -123,13 +130,16 @@ class LocalPool:
         self._inboxes: dict[str, Any] = {}
         self._busy: dict[str, tuple[int, float]] = {}     # worker -> (trial, submit time)
         self._ready: dict[str, Any] = {}                  # worker -> set once it has warmed up
+        # shared unit counters: free workers can take units of a slow evaluation
+        self.board: ClaimBoard | None = ClaimBoard(self._ctx)
         for n in self._names:
             self._spawn(n)
 
     def _spawn(self, name: str) -> None:
         inbox, ready = self._ctx.Queue(), self._ctx.Event()
         proc = self._ctx.Process(target=_worker_main,
-                                 args=(name, inbox, self._outbox, self._warm, ready),
+                                 args=(name, inbox, self._outbox, self._warm, ready,
+                                       self.board),
                                  name=f"mergepipe-search-{name}", daemon=True)
         proc.start()
         self._procs[name], self._inboxes[name], self._ready[name] = proc, inbox, ready
