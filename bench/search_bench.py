@@ -4,9 +4,9 @@ For each (algorithm, seed) a full search runs through the same coordinator the
 CLI uses (real merges, real evaluations, N worker processes) and the bench
 reports hypervolume median and IQR, wall time and worker utilisation
 (busy / (workers × wall)). A second block reruns AP-BMM and synchronous qLogNEHVI
-with each evaluation's time stretched by a heavy-tailed Pareto(α) factor — an
-emulation of the evaluation-time variance of large models, where a sync batch
-waits for its slowest member.
+with each evaluation's generation time stretched by a heavy-tailed Pareto(α)
+factor — an emulation of the evaluation-time variance of large models, where a
+sync batch waits for its slowest member.
 
     python bench/search_bench.py                       # the full bench (slow on a laptop)
     python bench/search_bench.py --seeds 2 --n-total 16 --limit 40   # a reduced one
