@@ -64,13 +64,13 @@ def slot_of(trial: int) -> int:
 
 
 def units_of(engine: Any, tasks: Sequence[Any]) -> list[tuple[int, list[int]]]:
-    """(task index, item indices) of every unit, the same list in every process."""
-    from mergepipe.evaluate import load_task
+    """(task index, item indices) of every unit of loaded ``tasks``, the same list in
+    every process."""
     units = []
-    for k, t in enumerate(tasks):
-        items = load_task(t.path).head(t.limit).items
-        groups = engine.batches([it.prompt for it in items]) if hasattr(engine, "batches") \
-            else [list(range(len(items)))]
+    for k, task in enumerate(tasks):
+        prompts = [it.prompt for it in task.items]
+        groups = engine.batches(prompts) if hasattr(engine, "batches") \
+            else [list(range(len(prompts)))]
         units += [(k, g) for g in groups]
     return units
 
@@ -88,8 +88,8 @@ def score_units(engine: Any, tasks: Sequence[Any], slot: int | None,
     """
     from mergepipe.evaluate import Task, load_task, run_task
     from mergepipe.evaluate.runner import DEFAULT_MAX_NEW_TOKENS
-    loaded = [load_task(t.path).head(t.limit) for t in tasks]
-    units = units_of(engine, tasks)
+    loaded = [load_task(t.path).head(t.limit) for t in tasks]   # each file read once
+    units = units_of(engine, loaded)
     board = BOARD if slot is not None else None
     if board is not None:
         board.total[slot] = len(units)
