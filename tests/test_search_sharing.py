@@ -109,3 +109,23 @@ def test_utilisation_counts_the_helpers_seconds():
     assert t["drain_idle"] == pytest.approx(0.0, abs=1e-9)
     solo = timing(rows[:2] + [_row("s1.w1", 4, 4, 10, None)], 2)
     assert solo["utilisation"] == 0.8 and solo["drain_idle"] == pytest.approx(0.2)
+
+
+def test_an_older_catalog_gains_trials_busy_s_and_its_rows_count_their_span(tmp_path):
+    from mergepipe.search import trials as trial_rows
+    home = tmp_path / "ws"
+    with open_catalog(home) as cat:   # a version-3 catalog with one finished trial
+        sid = trial_rows.create_search(cat, "sobol", "{}")
+        trial_rows.submit_trial(cat, sid, 0, [0.5], "p", "s1.w0")
+        trial_rows.finish_trial(cat, sid, 0, ok=True, objectives=[0.1, 0.2],
+                                started=1000.0, finished=1004.0)
+        cat.conn.exec_driver_sql("ALTER TABLE trials DROP COLUMN busy_s")
+        cat.execute(schema.meta.update().where(schema.meta.c.key == "schema_version")
+                    .values(value="3"))
+        cat.conn.commit()
+    with open_catalog(home) as cat:
+        rows = trial_rows.list_trials(cat, sid)
+        assert rows[0]["busy_s"] is None
+        assert timing(rows, 1)["busy_s"] == 4.0
+        assert cat.rows(sa.select(schema.meta.c.value).where(
+            schema.meta.c.key == "schema_version")) == [{"value": str(schema.SCHEMA_VERSION)}]
