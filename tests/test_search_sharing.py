@@ -71,10 +71,15 @@ def test_a_free_worker_takes_the_units_a_slow_owner_has_not_reached(world):
 def test_a_search_lends_a_free_worker_to_its_slowest_trial_and_records_the_same_metrics(
         cli, tmp_path, world):
     # seed 89: trial 0's evaluation is stretched 1.1 times, trial 1's 20 times, so the
-    # worker that ends trial 0 has nothing new to run while trial 1 has a unit left
+    # worker that ends trial 0 has nothing new to run while trial 1 has units left: four
+    # (two tasks of two batches), so the helper's model load cannot lose them all to the
+    # owner, whatever else the machine runs
     assert stretch_factor(89, 0, 1.5) < 1.2 and stretch_factor(89, 1, 1.5) == 20.0
+    again = tmp_path / "again.jsonl"
+    again.write_text((world / "test.jsonl").read_text())
     config = {"base": str(world / "base"), "reasoning": str(world / "reasoning"),
-              "tasks": [str(world / "test.jsonl")], "algorithm": "sobol", "workers": 2,
+              "tasks": [str(world / "test.jsonl"), str(again)], "algorithm": "sobol",
+              "workers": 2,
               "seed": 89, "n_init": 2, "n_total": 2, "stretch_alpha": 1.5}
     (tmp_path / "s.yml").write_text(yaml.safe_dump(config))
     final = json.loads(cli("search", "run", tmp_path / "s.yml", "--keep-all", "--json")
