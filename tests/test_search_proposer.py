@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from mergepipe.search.algorithms import make_algorithm, sobol_design
-from mergepipe.search.proposer import Proposer, propose_points
+from mergepipe.search.proposer import Proposer, propose_points, unseen
 from mergepipe.search.rerank import DUPLICATE_TOL, rms_distance
 from mergepipe.search.space import LayerSpace
 
@@ -57,3 +57,13 @@ def test_a_batch_asked_for_before_the_initial_design_is_handed_out_skips_that_de
     # a point in flight is skipped too
     again = propose_points(alg, [[0.5] * 4], [[0.1, 0.2]], design[8:9].tolist(), 2, 8)
     assert again == design[9:11].tolist()
+
+
+def test_a_batch_drops_points_handed_out_while_it_was_computed():
+    taken = [[0.2, 0.2, 0.2], [0.9, 0.1, 0.5]]
+    batch = [[0.2, 0.2, 0.2 + 1e-4],      # the same candidate as one already handed out
+             [0.5, 0.5, 0.5],
+             [0.5, 0.5, 0.5 + 1e-4],      # a repeat within the batch itself
+             [0.9, 0.1, 0.6]]             # near, but a different candidate
+    assert unseen(batch, taken) == [[0.5, 0.5, 0.5], [0.9, 0.1, 0.6]]
+    assert unseen(batch, []) == [batch[0], batch[1], batch[3]]

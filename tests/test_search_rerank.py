@@ -37,3 +37,17 @@ def test_pending_points_repel_and_duplicates_are_never_picked():
     assert picks[0] == 2                     # the near-duplicate loses to a distant point
     picks_free = rerank(pool, scores, means, front, torch.zeros(0, 2, dtype=torch.double), 1)
     assert picks_free == [0]                 # …which it would not without the pending point
+
+
+def test_finished_points_are_never_picked_again_but_do_not_repel():
+    pool = t([[0.5, 0.5], [0.53, 0.5], [0.9, 0.1], [0.0, 0.0]])
+    scores = t([1.0, 0.99, 0.98, 0.0])
+    means = t([[0.5, 0.5]] * 4)
+    front = t([[0.0, 1.0], [1.0, 0.0]])
+    none = torch.zeros(0, 2, dtype=torch.double)
+    # a finished point is no candidate, yet its neighbour keeps its full score
+    assert rerank(pool, scores, means, front, none, 1, evaluated=t([[0.5, 0.5]])) == [1]
+    # the same point in flight would also push the neighbour below the distant one
+    assert rerank(pool, scores, means, front, t([[0.5, 0.5]]), 1) == [2]
+    # every candidate already evaluated: nothing comes back (the caller tops up)
+    assert rerank(pool, scores, means, front, none, 4, evaluated=pool) == []

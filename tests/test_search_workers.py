@@ -140,6 +140,41 @@ def test_apbmm_pool_adds_model_level_merges_and_moves_around_the_front():
     assert seeds.shape[0] > diagonal.shape[0] and float(seeds.min()) >= 0 and float(seeds.max()) <= 1
 
 
+def _has(points: torch.Tensor, x: list[float]) -> bool:
+    return bool(((points - torch.tensor(x, dtype=torch.double)).abs() < 1e-9).all(-1).any())
+
+
+def test_apbmm_pool_holds_the_edges_of_the_box():
+    X = sobol_design(3, 6, 0)
+    small = make_algorithm("apbmm", LayerSpace(2), 4, 20, 0, [0.5, 1.0, 2.0])
+    edges = small.edges()
+    # every edge of the 3-cube: two coordinates at 0 or 1, the third anywhere on it
+    on_edge = ((edges == 0) | (edges == 1)).sum(-1) >= 2
+    assert bool(on_edge.all())
+    for a in (0.0, 1.0):
+        for b in (0.0, 1.0):
+            for i in range(3):
+                for t in (0.3, 0.7):
+                    x = [a, b]
+                    x.insert(i, t)
+                    assert _has(edges, x), x
+    assert not _has(edges, [0, 0, 0]) and not _has(edges, [1, 1, 1])   # the sources
+    pool = small.seeds(History(X, _toy(X), X[:0]))
+    assert all(bool((pool == e).all(-1).any()) for e in edges)
+    # a large space: single swaps both ways and the paths in the prior's order
+    ls = [2.0, 0.5, 1.0, 5.0, 0.5, 5.0, 5.0, 5.0, 2.0]
+    big = make_algorithm("apbmm", LayerSpace(8), 4, 20, 0, ls).edges()
+    for i in range(9):
+        e = [0.0] * 9
+        e[i] = 0.5
+        assert _has(big, e) and _has(big, [1 - v for v in e])
+    # the path: layer 1 first, then layer 4 (equal lengthscales go by index), then 2 …
+    assert _has(big, [0, 1, 0, 0, 0.5, 0, 0, 0, 0])
+    assert _has(big, [0, 1, 0.5, 0, 1, 0, 0, 0, 0])
+    assert not _has(big, [0, 0, 0.5, 0, 1, 0, 0, 0, 0])   # not an edge on any such path
+    assert not _has(big, [0] * 9) and not _has(big, [1] * 9)
+
+
 def test_apbmm_bridges_the_largest_front_gaps_including_the_sources():
     space = LayerSpace(3)
     alg = make_algorithm("apbmm", space, 4, 20, 0)

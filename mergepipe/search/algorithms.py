@@ -18,7 +18,7 @@ from mergepipe.search.config import ALGORITHMS  # the names live with the config
 from mergepipe.search.objectives import pareto_mask
 from mergepipe.search.rerank import DUPLICATE_TOL, rerank, rms_distance
 from mergepipe.search.space import LayerSpace, model_level_spec
-from mergepipe.search.surrogate import fit_surrogate
+from mergepipe.search.surrogate import DEFAULT_LENGTHSCALE, fit_surrogate
 
 TIES_DENSITY = 0.5
 ANCHOR_POINTS = ((0.0, 1.0), (1.0, 0.0))  # base and reasoning, by construction
@@ -26,6 +26,8 @@ DIAGONAL_POINTS = 19    # model-level merges added to AP-BMM's candidate pool
 PERTURBATIONS = 4       # moves around each Pareto point added to the pool
 PERTURB_SCALE = 0.08
 BRIDGE_STEPS = (0.25, 0.5, 0.75)  # where along a front gap bridging candidates sit
+MAX_ALL_EDGES_DIM = 4   # up to here every edge of the box joins the pool (at most 32 edges)
+EDGE_STEPS = 10         # points along each edge, its ends included
 
 
 @dataclass
@@ -173,7 +175,7 @@ class APBMM(Algorithm):
         observed = history.Y[pareto_mask(history.Y)] if history.Y.shape[0] else history.Y
         front = torch.cat([observed, torch.tensor(ANCHOR_POINTS, dtype=torch.double)])
         front = front[pareto_mask(front)]
-        picks = rerank(pool, scores, means, front, history.pending, n)
+        picks = rerank(pool, scores, means, front, history.pending, n, evaluated=history.X)
         return self.fill([pool[i].tolist() for i in picks], history, n)
 
 
@@ -188,7 +190,7 @@ class APBMM(Algorithm):
         """
         g = torch.Generator().manual_seed(_torch_seed(self.seed, history.X.shape[0]) + 1)
         diagonal = torch.linspace(0.05, 0.95, DIAGONAL_POINTS, dtype=torch.double)
-        cands = [diagonal[:, None].expand(-1, self.dim)]
+        cands = [diagonal[:, None].expand(-1, self.dim), self.edges()]
         if history.X.shape[0]:
             front = history.X[pareto_mask(history.Y)]
             for _ in range(PERTURBATIONS):
@@ -197,6 +199,40 @@ class APBMM(Algorithm):
             if BRIDGE_STEPS:
                 cands.append(self.bridges(history))
         return torch.cat(cands)
+
+    def edges(self) -> torch.Tensor:
+        """Merges that take whole layer groups from one source, and one group part-way.
+
+        These lie on the edges of the box, where a gradient search arrives only
+        when the acquisition slopes there, yet swapping layer groups wholesale is
+        often what trades accuracy for length best: on the tiny world much of the
+        front lies on the path that hands the groups to the reasoning model one by
+        one in the prior's order of importance. Small spaces get every edge of
+        the box; larger ones the single-group swaps both ways and the paths that
+        hand groups over (or back) in the prior's order, shortest lengthscale first.
+        """
+        d = self.dim
+        if d <= MAX_ALL_EDGES_DIM:
+            bits = torch.arange(2 ** d)
+            corners = ((bits[:, None] >> torch.arange(d)) & 1).to(torch.double)
+            ends = [(a, b) for a in corners for b in corners
+                    if float((b - a).sum()) == 1.0 and float((b - a).abs().sum()) == 1.0]
+        else:
+            order = sorted(range(d), key=lambda i: (self.lengthscales[i] if self.lengthscales
+                                                     else DEFAULT_LENGTHSCALE, i))
+            path = torch.zeros(d + 1, d, dtype=torch.double)
+            for k in range(1, d + 1):
+                path[k, order[:k]] = 1.0
+            eye = torch.eye(d, dtype=torch.double)
+            zero, one = torch.zeros(d, dtype=torch.double), torch.ones(d, dtype=torch.double)
+            ends = [(path[k], path[k + 1]) for k in range(d)] + \
+                   [(1 - path[k + 1], 1 - path[k]) for k in range(d)] + \
+                   [(zero, e) for e in eye] + [(one - e, one) for e in eye]
+        t = torch.linspace(0.0, 1.0, EDGE_STEPS + 1, dtype=torch.double)[:, None]
+        points = torch.cat([a + t * (b - a) for a, b in ends])
+        points = torch.unique(points, dim=0)
+        sources = (points.sum(-1) == 0) | (points.sum(-1) == d)
+        return points[~sources]
 
     def bridges(self, history: History) -> torch.Tensor:
         """Points on the segments between neighbours of the front that border a large gap.

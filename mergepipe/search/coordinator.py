@@ -34,7 +34,7 @@ from mergepipe.search.config import SearchConfig
 from mergepipe.search.jobs import EvaluateJob, MergeEvaluateJob, stretch_factor
 from mergepipe.search.objectives import REF_POINT, Anchors, hypervolume, pareto_mask
 from mergepipe.search.prior_build import ensure_prior
-from mergepipe.search.proposer import Proposer, propose_points
+from mergepipe.search.proposer import Proposer, propose_points, unseen
 from mergepipe.search.report import session_of, summarise
 from mergepipe.search.resident import ResidentJob
 from mergepipe.search.sharing import combine, slot_of
@@ -171,7 +171,8 @@ class SearchRun:
                 if proposer is not None:
                     batch = proposer.take()
                     if batch is not None:         # fresher than the rest of the last batch,
-                        ready = [x for x in ready if id(x) in promised] + batch[1]
+                        kept = [x for x in ready if id(x) in promised]
+                        ready = kept + unseen(batch[1], self._taken() + kept)
                         promised = set()          # but not than the points it counted on
                     while free and ready and self.next_trial < self.cfg.n_total:
                         self._dispatch(pool, self.next_trial, ready.pop(0), free.pop(0))
@@ -214,7 +215,7 @@ class SearchRun:
                         break
                     if proposer is not None:      # nothing runs: only the proposer can help
                         batch = proposer.take(block=True)
-                        ready = batch[1] if batch else ready
+                        ready = unseen(batch[1], self._taken()) if batch else ready
                     continue
                 waiting_on_proposer = proposer is not None and proposer.busy and pool.free()
                 poll = waiting_on_proposer or self._may_share(pool)
@@ -223,6 +224,10 @@ class SearchRun:
             if proposer is not None:
                 proposer.close()
             bar.close()
+
+    def _taken(self) -> list[list[float]]:
+        """Every point finished or in flight (a proposal must not repeat one)."""
+        return self.X + [i.x for i in self.inflight.values()]
 
     def _lookahead(self, workers: int, refit_s: float, ready: int) -> int:
         """Ready points the workers will take while the next batch is computed.

@@ -51,6 +51,22 @@ def _continue_design(alg: Algorithm, hist: History, n: int, trial: int) -> list[
     return out if len(out) == n else alg.fill(out, hist, n)
 
 
+def unseen(points: Sequence[Sequence[float]], taken: Sequence[Sequence[float]]) -> list[list[float]]:
+    """``points`` less those within the duplicate tolerance of ``taken`` or of an earlier one.
+
+    A batch is computed on a snapshot: points handed out from the previous batch
+    while it ran were not pending in it, so it may propose them again.
+    """
+    out: list[list[float]] = []
+    for x in points:
+        seen = torch.tensor(list(taken) + out, dtype=torch.double)
+        t = torch.tensor([x], dtype=torch.double)
+        if seen.numel() and float(rms_distance(t, seen).min()) < DUPLICATE_TOL:
+            continue
+        out.append(list(x))
+    return out
+
+
 class Proposer:
     """One background process that computes one batch of proposals at a time.
 

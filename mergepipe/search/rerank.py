@@ -59,16 +59,21 @@ def _unit(scores: torch.Tensor) -> torch.Tensor:
 
 def rerank(pool: torch.Tensor, scores: torch.Tensor, means: torch.Tensor, front: torch.Tensor,
            pending: torch.Tensor, batch: int, gap_weight: float = GAP_WEIGHT,
-           proximity_weight: float = PROXIMITY_WEIGHT,
-           tol: float = DUPLICATE_TOL) -> list[int]:
+           proximity_weight: float = PROXIMITY_WEIGHT, tol: float = DUPLICATE_TOL,
+           evaluated: torch.Tensor | None = None) -> list[int]:
     """Indices into ``pool`` of up to ``batch`` picks, best first.
 
     ``scores`` are each candidate's own acquisition values (rescaled to [0, 1]
     within the pool); ``means`` the GP-predicted objectives. Candidates within
-    ``tol`` of a pending or chosen point are never picked, so fewer than
-    ``batch`` indices may come back.
+    ``tol`` of a pending, chosen or ``evaluated`` point are never picked (an
+    evaluation is deterministic: a repeat learns nothing), so fewer than
+    ``batch`` indices may come back. Only pending and chosen points repel their
+    neighbours: refining next to a finished point is often what pays.
     """
     base = _unit(scores) + gap_weight * gap_reward(means, front)
+    if evaluated is not None and evaluated.shape[0]:
+        seen = rms_distance(pool, evaluated.double().reshape(-1, pool.shape[-1]))
+        base = torch.where(seen.min(dim=-1).values < tol, -float("inf"), base)
     taken = pending.double().reshape(-1, pool.shape[-1])
     chosen: list[int] = []
     for _ in range(batch):
