@@ -18,7 +18,7 @@ from botorch.utils.multi_objective.box_decompositions.dominated import \
 
 from mergepipe.catalog import schema
 from mergepipe.catalog.store import open_catalog
-from mergepipe.search.objectives import REF_POINT
+from mergepipe.search.objectives import REF_POINT, Anchors
 from mergepipe.search.source_diff import prompt_digest
 
 pytestmark = pytest.mark.slow
@@ -76,6 +76,13 @@ def test_search_records_trials_prior_and_botorch_hypervolume(cli, tmp_path, worl
     assert set(prior["probe"]["digests"]) <= train and not set(prior["probe"]["digests"]) & test
     anchors = json.loads(search["anchors_json"])
     assert len(anchors["tasks"]) == 1
+    # the front a user gets also holds the two sources, which cost no trial
+    sources = torch.tensor(Anchors.from_json(anchors["tasks"]).source_points(),
+                           dtype=torch.double)
+    with_sources = DominatedPartitioning(ref_point=torch.tensor(REF_POINT, dtype=torch.double),
+                                         Y=torch.cat([Y, sources])).compute_hypervolume().item()
+    assert final["hypervolume_with_sources"] == pytest.approx(with_sources, rel=1e-9, abs=1e-12)
+    assert final["hypervolume_with_sources"] >= final["hypervolume"]
 
     status = json.loads(cli("search", "status", sid[:8], "--json").stdout)
     assert status["hypervolume"] == pytest.approx(final["hypervolume"])

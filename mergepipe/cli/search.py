@@ -10,8 +10,8 @@ from mergepipe.cli import cli
 from mergepipe.cli.common import echo_json, stderr_progress, table
 from mergepipe.errors import CatalogLockedError
 
-FINAL_FIELDS = ("search_id", "algorithm", "status", "trials", "hypervolume", "utilisation",
-                "wall_s", "pareto", "failed")
+FINAL_FIELDS = ("search_id", "algorithm", "status", "trials", "hypervolume",
+                "hypervolume_with_sources", "utilisation", "wall_s", "pareto", "failed")
 
 
 def _final(summary: dict[str, Any], as_json: bool) -> None:
@@ -19,7 +19,8 @@ def _final(summary: dict[str, Any], as_json: bool) -> None:
         echo_json({k: summary.get(k) for k in FINAL_FIELDS})
     else:
         click.echo(f"search {summary['search_id']} {summary['status'].lower()}: "
-                   f"{summary['trials']} trials, hypervolume {summary['hypervolume']:.4f}, "
+                   f"{summary['trials']} trials, hypervolume {summary['hypervolume']:.4f} "
+                   f"({summary['hypervolume_with_sources']:.4f} with the sources), "
                    f"utilisation {summary['utilisation']:.0%}, {summary['pareto']} on the front",
                    err=True)
 

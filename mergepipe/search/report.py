@@ -99,6 +99,10 @@ def summarise(cat: Catalog, search_id: str) -> dict[str, Any]:
         "done": counts["DONE"], "failed": counts["FAILED"],
         "in_flight": counts["RUNNING"] + counts["PENDING"],
         "hypervolume": hypervolume([[r["f_acc"], r["f_cost"]] for r in pts], REF_POINT),
+        # the front a user gets: the sources cost no trial and are always on offer
+        "hypervolume_with_sources": hypervolume(
+            [list(p) for p in source_points(s)] + [[r["f_acc"], r["f_cost"]] for r in pts],
+            REF_POINT),
         "pareto": len(pareto_trials(rows, source_points(s))),
         "utilisation": t["utilisation"], "wall_s": t["wall_s"], "busy_s": t["busy_s"],
         "drain_idle": t["drain_idle"], "helper_s": t["helper_s"],
