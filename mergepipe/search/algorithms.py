@@ -27,7 +27,7 @@ PERTURBATIONS = 4       # moves around each Pareto point added to the pool
 PERTURB_SCALE = 0.08
 BRIDGE_STEPS = (0.25, 0.5, 0.75)  # where along a front gap bridging candidates sit
 MAX_ALL_EDGES_DIM = 4   # up to here every edge of the box joins the pool (at most 32 edges)
-EDGE_STEPS = 10         # points along each edge, its ends included
+EDGE_STEPS = 10         # steps along each edge: EDGE_STEPS + 1 points, its ends included
 
 
 @dataclass
