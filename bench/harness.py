@@ -196,4 +196,15 @@ def machine() -> str:
     except OSError:
         pass
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    return f"{model}, {os.cpu_count()} cores, load average {load} at the end"
+    return (f"{model}, {os.cpu_count()} cores, torch kernels {_capability()}, "
+            f"load average {load} at the end")
+
+
+def _capability() -> str:
+    """The instruction set torch runs on: the tiny world trains to different weights under
+    each, so results on the same world name differ between AVX2 and AVX-512 machines."""
+    try:
+        import torch
+        return torch.backends.cpu.get_cpu_capability()
+    except Exception:  # torch missing or too old to say
+        return "unknown"
