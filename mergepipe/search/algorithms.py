@@ -16,7 +16,7 @@ from mergepipe.search.acquisition import (build_acquisition, optimise_batch, opt
                                           score_each)
 from mergepipe.search.config import ALGORITHMS  # the names live with the config (light)
 from mergepipe.search.objectives import pareto_mask
-from mergepipe.search.rerank import DUPLICATE_TOL, rerank, rms_distance
+from mergepipe.search.rerank import rerank, unseen
 from mergepipe.search.space import LayerSpace, model_level_spec
 from mergepipe.search.surrogate import DEFAULT_LENGTHSCALE, fit_surrogate
 
@@ -84,16 +84,9 @@ class Algorithm:
 
     def fill(self, chosen: list[list[float]], history: History, n: int) -> list[list[float]]:
         """Top up with Sobol points away from everything pending (rarely needed)."""
-        taken = torch.cat([history.pending, torch.tensor(chosen, dtype=torch.double)
-                           .reshape(-1, self.dim)]) if chosen else history.pending
         extra = sobol_design(self.dim, 256, self.seed + 7919 + history.X.shape[0])
-        for x in extra:
-            if len(chosen) >= n:
-                break
-            if taken.shape[0] == 0 or float(rms_distance(x[None], taken).min()) >= DUPLICATE_TOL:
-                chosen.append(x.tolist())
-                taken = torch.cat([taken, x[None]])
-        return chosen
+        taken = history.pending.tolist() + [list(x) for x in chosen]
+        return chosen + unseen(extra, taken)[:max(n - len(chosen), 0)]
 
 
 class SobolSearch(Algorithm):

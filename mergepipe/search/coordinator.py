@@ -34,7 +34,8 @@ from mergepipe.search.config import SearchConfig
 from mergepipe.search.jobs import EvaluateJob, MergeEvaluateJob, stretch_factor
 from mergepipe.search.objectives import REF_POINT, Anchors, hypervolume, pareto_mask
 from mergepipe.search.prior_build import ensure_prior
-from mergepipe.search.proposer import Proposer, propose_points, unseen
+from mergepipe.search.proposer import Proposer, propose_points
+from mergepipe.search.rerank import unseen
 from mergepipe.search.report import session_of, summarise
 from mergepipe.search.resident import ResidentJob
 from mergepipe.search.sharing import combine, slot_of

@@ -1,7 +1,6 @@
 """The end product of a search: its Pareto set as committed models, and its plots."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import torch
 
 from mergepipe.search.algorithms import Algorithm, History
-from mergepipe.search.rerank import DUPLICATE_TOL, rms_distance
+from mergepipe.search.rerank import unseen
 
 
 def propose_points(alg: Algorithm, X: Sequence[Sequence[float]], Y: Sequence[Sequence[float]],
@@ -39,32 +39,8 @@ def propose_points(alg: Algorithm, X: Sequence[Sequence[float]], Y: Sequence[Seq
 def _continue_design(alg: Algorithm, hist: History, n: int, trial: int) -> list[list[float]]:
     """The shared design's points from ``trial`` on, never one of the fixed initial
     points (a batch asked for early is handed out after them) nor one in flight."""
-    out: list[list[float]] = []
-    taken = hist.pending
-    for x in alg.design()[max(trial, alg.n_init):]:
-        if len(out) == n:
-            break
-        if taken.shape[0] and float(rms_distance(x[None], taken).min()) < DUPLICATE_TOL:
-            continue
-        out.append(x.tolist())
-        taken = torch.cat([taken, x[None]])
+    out = unseen(alg.design()[max(trial, alg.n_init):], hist.pending)[:n]
     return out if len(out) == n else alg.fill(out, hist, n)
-
-
-def unseen(points: Sequence[Sequence[float]], taken: Sequence[Sequence[float]]) -> list[list[float]]:
-    """``points`` less those within the duplicate tolerance of ``taken`` or of an earlier one.
-
-    A batch is computed on a snapshot: points handed out from the previous batch
-    while it ran were not pending in it, so it may propose them again.
-    """
-    out: list[list[float]] = []
-    for x in points:
-        seen = torch.tensor(list(taken) + out, dtype=torch.double)
-        t = torch.tensor([x], dtype=torch.double)
-        if seen.numel() and float(rms_distance(t, seen).min()) < DUPLICATE_TOL:
-            continue
-        out.append(list(x))
-    return out
 
 
 class Proposer:

@@ -93,6 +93,7 @@ def summarise(cat: Catalog, search_id: str) -> dict[str, Any]:
     for r in rows:
         counts[r["status"]] += 1
     t = timing(rows, int(s["config"].get("workers", 1)))
+    sources = source_points(s)
     return {
         "search_id": s["search_id"], "algorithm": s["algorithm"], "status": s["status"],
         "trials": len(pts), "n_total": s["config"].get("n_total"),
@@ -101,9 +102,8 @@ def summarise(cat: Catalog, search_id: str) -> dict[str, Any]:
         "hypervolume": hypervolume([[r["f_acc"], r["f_cost"]] for r in pts], REF_POINT),
         # the front a user gets: the sources cost no trial and are always on offer
         "hypervolume_with_sources": hypervolume(
-            [list(p) for p in source_points(s)] + [[r["f_acc"], r["f_cost"]] for r in pts],
-            REF_POINT),
-        "pareto": len(pareto_trials(rows, source_points(s))),
+            [list(p) for p in sources] + [[r["f_acc"], r["f_cost"]] for r in pts], REF_POINT),
+        "pareto": len(pareto_trials(rows, sources)),
         "utilisation": t["utilisation"], "wall_s": t["wall_s"], "busy_s": t["busy_s"],
         "drain_idle": t["drain_idle"], "helper_s": t["helper_s"],
         "utilisation_while_work_left": t["utilisation_while_work_left"],

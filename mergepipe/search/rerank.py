@@ -9,6 +9,7 @@ space) to in-flight or already-chosen candidates, then picks greedily.
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import torch
 
@@ -23,6 +24,26 @@ def rms_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if a.shape[0] == 0 or b.shape[0] == 0:
         return torch.zeros(a.shape[0], b.shape[0], dtype=torch.double)
     return torch.cdist(a.double(), b.double()) / math.sqrt(a.shape[-1])
+
+
+def unseen(points: Sequence[Sequence[float]], taken: Sequence[Sequence[float]],
+           tol: float = DUPLICATE_TOL) -> list[list[float]]:
+    """``points`` less those within ``tol`` of ``taken`` or of an earlier kept one.
+
+    Every path that hands out points filters through this: a batch computed on a
+    snapshot may repeat what was handed out while it ran, and a design or a
+    fill-up may land on a point in flight.
+    """
+    out: list[list[float]] = []
+    seen = [[float(v) for v in t] for t in taken]
+    for x in points:
+        x = [float(v) for v in x]
+        if seen and float(rms_distance(torch.tensor([x], dtype=torch.double),
+                                       torch.tensor(seen, dtype=torch.double)).min()) < tol:
+            continue
+        out.append(x)
+        seen.append(x)
+    return out
 
 
 def front_gaps(front: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
