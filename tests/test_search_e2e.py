@@ -83,6 +83,8 @@ def test_search_records_trials_prior_and_botorch_hypervolume(cli, tmp_path, worl
                                          Y=torch.cat([Y, sources])).compute_hypervolume().item()
     assert final["hypervolume_with_sources"] == pytest.approx(with_sources, rel=1e-9, abs=1e-12)
     assert final["hypervolume_with_sources"] >= final["hypervolume"]
+    assert final["beaten_by_sources"] == sum(
+        1 for y in Y.tolist() if any(a >= y[0] and c >= y[1] for a, c in sources.tolist()))
 
     status = json.loads(cli("search", "status", sid[:8], "--json").stdout)
     assert status["hypervolume"] == pytest.approx(final["hypervolume"])

@@ -3,7 +3,6 @@ config keys are refused, and a search without a terminal logs one line per trial
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +17,7 @@ from mergepipe.catalog.store import open_catalog
 from mergepipe.errors import MergePipeError
 from mergepipe.search import trials
 from mergepipe.search.objectives import Anchors, TaskAnchor
-from mergepipe.search.report import pareto_trials
+from mergepipe.search.report import beaten_by_sources, pareto_trials
 
 
 def test_sources_land_on_the_front_ends_of_the_anchored_map():
@@ -38,6 +37,16 @@ def test_trials_the_base_dominates_are_off_the_front():
     assert [r["trial"] for r in pareto_trials(rows, sources)] == [2]
     # a trial that ties a source is not dominated by it
     assert [r["trial"] for r in pareto_trials([_done(4, 0.0, 1.0)], sources)] == [4]
+
+
+def test_trials_a_source_matches_or_beats_are_counted_as_spent_for_nothing():
+    sources = [(0.0, 1.0), (1.0, 0.0)]
+    rows = [_done(0, -0.13, 1.0), _done(1, 0.0, 1.0), _done(2, 0.5, 0.5), _done(3, 1.0, 0.0),
+            _done(4, 0.99, 0.01), {"trial": 5, "status": "FAILED", "f_acc": -0.2, "f_cost": -0.2}]
+    # 0 is beaten by the base, 1 and 3 tie a source; 2 and 4 are merges worth having,
+    # and a failed trial is counted as failed, not here
+    assert beaten_by_sources(rows, sources) == 3
+    assert beaten_by_sources(rows, []) == 0
 
 
 def _search_with_rows(home: Path, world_task: Path, points: list[tuple[float, float]]) -> str:
@@ -130,8 +139,6 @@ def test_evaluator_and_backend_are_checked(tmp_path, key, value, message):
 def test_search_status_answers_from_the_stored_summary_without_torch(cli, tmp_path):
     """A summary stored by the coordinator is used while the trial rows are unchanged
     (no torch, no BoTorch); a changed row makes status compute it again."""
-    import subprocess
-    import sys
 
     from mergepipe import api
     from mergepipe.search.report import summarise
@@ -150,6 +157,12 @@ def test_search_status_answers_from_the_stored_summary_without_torch(cli, tmp_pa
                          cwd=tmp_path)
     status, heavy = out.stdout.strip().splitlines()
     assert json.loads(heavy) == [] and json.loads(status) == computed
+    # a summary an older version stored lacks this version's fields: computed again
+    with open_catalog(cli.home) as cat, pytest.MonkeyPatch.context() as mp:
+        mp.setattr(trials, "SUMMARY_VERSION", trials.SUMMARY_VERSION - 1)
+        trials.store_summary(cat, sid, {k: v for k, v in computed.items()
+                                        if k != "beaten_by_sources"})
+    assert json.loads(cli("search", "status", sid, "--json").stdout) == computed
     with open_catalog(cli.home) as cat:  # one more finished trial: the stored one is stale
         trials.submit_trial(cat, sid, 3, [0.3], "plan3", "s1.w0")
         trials.finish_trial(cat, sid, 3, ok=True, objectives=(0.6, 0.2), started=1e9 + 3,

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
+from mergepipe.search.acquisition import score_each
 from mergepipe.search.algorithms import APBMM, History, make_algorithm, sobol_design
 from mergepipe.search.rerank import DUPLICATE_TOL, rms_distance
 from mergepipe.search.space import LayerSpace
@@ -173,6 +174,23 @@ def test_apbmm_pool_holds_the_edges_of_the_box():
     assert _has(big, [0, 1, 0.5, 0, 1, 0, 0, 0, 0])
     assert not _has(big, [0, 0, 0.5, 0, 1, 0, 0, 0, 0])   # not an edge on any such path
     assert not _has(big, [0] * 9) and not _has(big, [1] * 9)
+
+
+def test_apbmm_measures_improvement_against_the_front_with_the_sources():
+    # trials on a middle front, far from both sources: measured against the
+    # trials alone, a merge next to the reasoning (or base) corner would add the
+    # whole strip out to that source, ~0.1 of hypervolume; against the front a
+    # user gets, with the sources on it, it adds next to nothing
+    alg = make_algorithm("apbmm", LayerSpace(2), 8, 40, 0, [0.5, 1.0, 2.0])
+    X = sobol_design(3, 8, 0)
+    m = X.mean(-1)
+    history = History(X, torch.stack([0.2 + 0.5 * m, 0.7 - 0.5 * m], -1), X[:0])
+    _, acq = alg.acquisition(history)
+    near_sources = torch.tensor([[0.99] * 3, [0.01] * 3], dtype=torch.double)
+    assert float(score_each(acq, near_sources).exp().max()) < 0.01
+    picks = torch.tensor(alg.propose(history, 4), dtype=torch.double)
+    corners = torch.tensor([[0.0] * 3, [1.0] * 3], dtype=torch.double)
+    assert picks.shape == (4, 3) and float(rms_distance(picks, corners).min()) >= DUPLICATE_TOL
 
 
 def test_apbmm_bridges_the_largest_front_gaps_including_the_sources():

@@ -11,7 +11,8 @@ from mergepipe.cli.common import echo_json, stderr_progress, table
 from mergepipe.errors import CatalogLockedError
 
 FINAL_FIELDS = ("search_id", "algorithm", "status", "trials", "hypervolume",
-                "hypervolume_with_sources", "utilisation", "wall_s", "pareto", "failed")
+                "hypervolume_with_sources", "utilisation", "wall_s", "pareto",
+                "beaten_by_sources", "failed")
 
 
 def _final(summary: dict[str, Any], as_json: bool) -> None:
@@ -21,8 +22,8 @@ def _final(summary: dict[str, Any], as_json: bool) -> None:
         click.echo(f"search {summary['search_id']} {summary['status'].lower()}: "
                    f"{summary['trials']} trials, hypervolume {summary['hypervolume']:.4f} "
                    f"({summary['hypervolume_with_sources']:.4f} with the sources), "
-                   f"utilisation {summary['utilisation']:.0%}, {summary['pareto']} on the front",
-                   err=True)
+                   f"utilisation {summary['utilisation']:.0%}, {summary['pareto']} on the front, "
+                   f"{summary['beaten_by_sources']} no better than a source", err=True)
 
 
 @cli.group()

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
+from botorch.acquisition import AcquisitionFunction
+from botorch.models.model import Model
 
 from mergepipe.search.acquisition import (build_acquisition, optimise_batch, optimise_pool,
                                           score_each)
@@ -156,10 +158,7 @@ class APBMM(Algorithm):
 
     def propose(self, history: History, n: int) -> list[list[float]]:
         torch.manual_seed(_torch_seed(self.seed, history.X.shape[0]))
-        # the two sources sit at the corners of the space with known objectives:
-        # the surrogate learns from them, the front to improve on is the trials' own
-        model = fit_surrogate(*with_sources(history), self.lengthscales)
-        acq = build_acquisition(model, history.X, history.pending, seed=self.seed)
+        model, acq = self.acquisition(history)
         pool = torch.cat([optimise_pool(acq, self.dim, self.pool_factor * n),
                           self.seeds(history)])
         scores = score_each(acq, pool)
@@ -168,9 +167,22 @@ class APBMM(Algorithm):
         observed = history.Y[pareto_mask(history.Y)] if history.Y.shape[0] else history.Y
         front = torch.cat([observed, torch.tensor(ANCHOR_POINTS, dtype=torch.double)])
         front = front[pareto_mask(front)]
-        picks = rerank(pool, scores, means, front, history.pending, n, evaluated=history.X)
+        picks = rerank(pool, scores, means, front, history.pending, n,
+                       evaluated=with_sources(history)[0])
         return self.fill([pool[i].tolist() for i in picks], history, n)
 
+    def acquisition(self, history: History) -> tuple[Model, AcquisitionFunction]:
+        """The surrogate and the acquisition, both knowing the two sources.
+
+        The sources sit at the corners of the space with known objectives and
+        are on every front a user is offered, so they are data for the surrogate
+        and part of the front an improvement is measured against: a merge
+        predicted to score like the base or the reasoning model gains nothing,
+        and the budget goes to merges that can join the front the user gets.
+        """
+        X, Y = with_sources(history)
+        model = fit_surrogate(X, Y, self.lengthscales)
+        return model, build_acquisition(model, X, history.pending, seed=self.seed)
 
     def seeds(self, history: History) -> torch.Tensor:
         """Candidates the gradient search may miss, scored by the same acquisition.

@@ -84,6 +84,17 @@ def pareto_trials(rows: list[dict[str, Any]],
     return sorted((r for r, m in zip(ok, mask) if m), key=lambda r: r["f_acc"])
 
 
+def beaten_by_sources(rows: list[dict[str, Any]],
+                      sources: Sequence[Sequence[float]]) -> int:
+    """DONE trials a source matches or beats on both objectives.
+
+    Such a merge can never be offered (the source is as good and costs no
+    merge), so this counts the evaluations a search spent for nothing.
+    """
+    return sum(1 for r in rows if r["status"] == "DONE" and
+               any(a >= r["f_acc"] and c >= r["f_cost"] for a, c in sources))
+
+
 def summarise(cat: Catalog, search_id: str) -> dict[str, Any]:
     """The fields `search status --json` and `search run --json` print."""
     s = trials.get_search(cat, search_id)
@@ -104,6 +115,7 @@ def summarise(cat: Catalog, search_id: str) -> dict[str, Any]:
         "hypervolume_with_sources": hypervolume(
             [list(p) for p in sources] + [[r["f_acc"], r["f_cost"]] for r in pts], REF_POINT),
         "pareto": len(pareto_trials(rows, sources)),
+        "beaten_by_sources": beaten_by_sources(rows, sources),
         "utilisation": t["utilisation"], "wall_s": t["wall_s"], "busy_s": t["busy_s"],
         "drain_idle": t["drain_idle"], "helper_s": t["helper_s"],
         "utilisation_while_work_left": t["utilisation_while_work_left"],

@@ -117,9 +117,13 @@ def _rows_keys(cat: Catalog) -> dict[str, str]:
     return {sid: "|".join(k) for sid, k in keys.items()}
 
 
+SUMMARY_VERSION = 2  # raise when a summary gains or changes a field: older ones are recomputed
+
+
 def store_summary(cat: Catalog, search_id: str, summary: dict[str, Any]) -> None:
     """Keep a summary with the key of the rows it was computed from."""
-    doc = {"rows_key": _rows_keys(cat).get(search_id), "summary": summary}
+    doc = {"rows_key": _rows_keys(cat).get(search_id), "version": SUMMARY_VERSION,
+           "summary": summary}
     cat.execute(S.update().where(S.c.search_id == search_id).values(
         summary_json=json.dumps(doc, default=str)))
 
@@ -127,7 +131,7 @@ def store_summary(cat: Catalog, search_id: str, summary: dict[str, Any]) -> None
 def stored_summaries(cat: Catalog, search_id: str | None = None
                      ) -> tuple[list[str], dict[str, dict[str, Any]]]:
     """The search ids (all, or the one ``search_id`` prefixes), and the stored summary of
-    each whose rows have not changed since it was stored."""
+    each whose rows have not changed since it was stored (by this version's fields)."""
     keys = _rows_keys(cat)
     rows = [(r["search_id"], r["summary_json"]) for r in cat.rows(sa.text(
         "SELECT search_id, summary_json FROM searches ORDER BY created_at, search_id"))]
@@ -136,6 +140,7 @@ def stored_summaries(cat: Catalog, search_id: str | None = None
     for sid, doc in rows:
         if sid in ids and doc:
             stored = json.loads(doc)
-            if stored.get("rows_key") == keys.get(sid):
+            if stored.get("rows_key") == keys.get(sid) and \
+                    stored.get("version", 1) == SUMMARY_VERSION:
                 fresh[sid] = stored["summary"]
     return ids, fresh
