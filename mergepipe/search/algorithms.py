@@ -158,17 +158,14 @@ class APBMM(Algorithm):
 
     def propose(self, history: History, n: int) -> list[list[float]]:
         torch.manual_seed(_torch_seed(self.seed, history.X.shape[0]))
+        X, Y = with_sources(history)
         model, acq = self.acquisition(history)
         pool = torch.cat([optimise_pool(acq, self.dim, self.pool_factor * n),
                           self.seeds(history)])
         scores = score_each(acq, pool)
         with torch.no_grad():
             means = model.posterior(pool).mean.reshape(-1, 2)
-        observed = history.Y[pareto_mask(history.Y)] if history.Y.shape[0] else history.Y
-        front = torch.cat([observed, torch.tensor(ANCHOR_POINTS, dtype=torch.double)])
-        front = front[pareto_mask(front)]
-        picks = rerank(pool, scores, means, front, history.pending, n,
-                       evaluated=with_sources(history)[0])
+        picks = rerank(pool, scores, means, Y[pareto_mask(Y)], history.pending, n, evaluated=X)
         return self.fill([pool[i].tolist() for i in picks], history, n)
 
     def acquisition(self, history: History) -> tuple[Model, AcquisitionFunction]:
