@@ -145,20 +145,22 @@ def _has(points: torch.Tensor, x: list[float]) -> bool:
     return bool(((points - torch.tensor(x, dtype=torch.double)).abs() < 1e-9).all(-1).any())
 
 
-def test_apbmm_pool_holds_the_edges_of_the_box():
+def test_apbmm_pool_holds_the_edges_on_the_priors_paths():
     X = sobol_design(3, 6, 0)
+    # two layers and the head, importance in that order: the paths hand layer 0,
+    # then layer 1, then the head over (and the reverse order), plus single swaps
     small = make_algorithm("apbmm", LayerSpace(2), 4, 20, 0, [0.5, 1.0, 2.0])
     edges = small.edges()
-    # every edge of the 3-cube: two coordinates at 0 or 1, the third anywhere on it
     on_edge = ((edges == 0) | (edges == 1)).sum(-1) >= 2
     assert bool(on_edge.all())
-    for a in (0.0, 1.0):
-        for b in (0.0, 1.0):
-            for i in range(3):
-                for t in (0.3, 0.7):
-                    x = [a, b]
-                    x.insert(i, t)
-                    assert _has(edges, x), x
+    kept = [[0.5, 0, 0], [0, 0.5, 0], [0, 0, 0.5],        # one group from the reasoning model
+            [1, 0.5, 0], [1, 1, 0.5],                      # the prior's path onwards
+            [0, 0.5, 1], [0.5, 1, 1], [1, 0.5, 1]]         # back from the reasoning model
+    off = [[1, 0, 0.5], [0.5, 1, 0], [0, 1, 0.5], [0.5, 0, 1]]   # edges on no such path
+    for x in kept:
+        assert _has(edges, x), x
+    for x in off:
+        assert not _has(edges, x), x
     assert not _has(edges, [0, 0, 0]) and not _has(edges, [1, 1, 1])   # the sources
     pool = small.seeds(History(X, _toy(X), X[:0]))
     assert all(bool((pool == e).all(-1).any()) for e in edges)

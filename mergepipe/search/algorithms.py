@@ -28,7 +28,6 @@ DIAGONAL_POINTS = 19    # model-level merges added to AP-BMM's candidate pool
 PERTURBATIONS = 4       # moves around each Pareto point added to the pool
 PERTURB_SCALE = 0.08
 BRIDGE_STEPS = (0.25, 0.5, 0.75)  # where along a front gap bridging candidates sit
-MAX_ALL_EDGES_DIM = 4   # up to here every edge of the box joins the pool (at most 32 edges)
 EDGE_STEPS = 10         # steps along each edge: EDGE_STEPS + 1 points, its ends included
 
 
@@ -209,27 +208,24 @@ class APBMM(Algorithm):
         when the acquisition slopes there, yet swapping layer groups wholesale is
         often what trades accuracy for length best: on the tiny world much of the
         front lies on the path that hands the groups to the reasoning model one by
-        one in the prior's order of importance. Small spaces get every edge of
-        the box; larger ones the single-group swaps both ways and the paths that
-        hand groups over (or back) in the prior's order, shortest lengthscale first.
+        one in the prior's order of importance. The pool gets the single-group
+        swaps both ways and the paths that hand groups over (or back) in the
+        prior's order, shortest lengthscale first, in every space. Every edge of a
+        small box was tried: the acquisition favours edges (its uncertainty is
+        largest there), and the ones off these paths mostly land on merges that
+        behave like one already measured.
         """
         d = self.dim
-        if d <= MAX_ALL_EDGES_DIM:
-            bits = torch.arange(2 ** d)
-            corners = ((bits[:, None] >> torch.arange(d)) & 1).to(torch.double)
-            ends = [(a, b) for a in corners for b in corners
-                    if float((b - a).sum()) == 1.0 and float((b - a).abs().sum()) == 1.0]
-        else:
-            order = sorted(range(d), key=lambda i: (self.lengthscales[i] if self.lengthscales
-                                                     else DEFAULT_LENGTHSCALE, i))
-            path = torch.zeros(d + 1, d, dtype=torch.double)
-            for k in range(1, d + 1):
-                path[k, order[:k]] = 1.0
-            eye = torch.eye(d, dtype=torch.double)
-            zero, one = torch.zeros(d, dtype=torch.double), torch.ones(d, dtype=torch.double)
-            ends = [(path[k], path[k + 1]) for k in range(d)] + \
-                   [(1 - path[k + 1], 1 - path[k]) for k in range(d)] + \
-                   [(zero, e) for e in eye] + [(one - e, one) for e in eye]
+        order = sorted(range(d), key=lambda i: (self.lengthscales[i] if self.lengthscales
+                                                 else DEFAULT_LENGTHSCALE, i))
+        path = torch.zeros(d + 1, d, dtype=torch.double)
+        for k in range(1, d + 1):
+            path[k, order[:k]] = 1.0
+        eye = torch.eye(d, dtype=torch.double)
+        zero, one = torch.zeros(d, dtype=torch.double), torch.ones(d, dtype=torch.double)
+        ends = [(path[k], path[k + 1]) for k in range(d)] + \
+               [(1 - path[k + 1], 1 - path[k]) for k in range(d)] + \
+               [(zero, e) for e in eye] + [(one - e, one) for e in eye]
         t = torch.linspace(0.0, 1.0, EDGE_STEPS + 1, dtype=torch.double)[:, None]
         points = torch.cat([a + t * (b - a) for a, b in ends])
         points = torch.unique(points, dim=0)
