@@ -158,7 +158,7 @@ class APBMM(Algorithm):
     def propose(self, history: History, n: int) -> list[list[float]]:
         torch.manual_seed(_torch_seed(self.seed, history.X.shape[0]))
         X, Y = with_sources(history)
-        model, acq = self.acquisition(history)
+        model, acq = self._fit(X, Y, history.pending)
         pool = torch.cat([optimise_pool(acq, self.dim, self.pool_factor * n),
                           self.seeds(history)])
         scores = score_each(acq, pool)
@@ -176,9 +176,12 @@ class APBMM(Algorithm):
         predicted to score like the base or the reasoning model gains nothing,
         and the budget goes to merges that can join the front the user gets.
         """
-        X, Y = with_sources(history)
+        return self._fit(*with_sources(history), history.pending)
+
+    def _fit(self, X: torch.Tensor, Y: torch.Tensor,
+             pending: torch.Tensor) -> tuple[Model, AcquisitionFunction]:
         model = fit_surrogate(X, Y, self.lengthscales)
-        return model, build_acquisition(model, X, history.pending, seed=self.seed)
+        return model, build_acquisition(model, X, pending, seed=self.seed)
 
     def seeds(self, history: History) -> torch.Tensor:
         """Candidates the gradient search may miss, scored by the same acquisition.
@@ -210,9 +213,9 @@ class APBMM(Algorithm):
         front lies on the path that hands the groups to the reasoning model one by
         one in the prior's order of importance. The pool gets the single-group
         swaps both ways and the paths that hand groups over (or back) in the
-        prior's order, shortest lengthscale first, in every space. Every edge of a
-        small box was tried: the acquisition favours edges (its uncertainty is
-        largest there), and the ones off these paths mostly land on merges that
+        prior's order, shortest lengthscale first, in every space. Edges off these
+        paths stay out even of a small box: the acquisition favours edges (its
+        uncertainty is largest there), and those mostly land on merges that
         behave like one already measured.
         """
         d = self.dim
