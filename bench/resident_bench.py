@@ -48,7 +48,8 @@ def _load(path: Path):
 
 def measure(label: str, base: Path, reasoning: Path, n: int, seed: int, work: Path) -> dict:
     with open_catalog(work / f"ws-{label}") as cat:
-        b, r = api.register(cat, base, name="base"), api.register(cat, reasoning, name="reasoning")
+        b = api.register(cat, base, name="base")
+        api.register(cat, reasoning, name="reasoning")
         space = LayerSpace(int(b["num_layers"]))
         plans = [api.build_plan(cat, space.to_spec(x.tolist(), "base", "reasoning"))
                  for x in sobol_design(space.dim, n, seed)]

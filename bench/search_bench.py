@@ -19,6 +19,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 from harness import machine
@@ -31,6 +32,7 @@ from mergepipe.search.coordinator import SearchRun
 from mergepipe.search.harvest import write_plots
 from mergepipe.search.plots import hypervolume_plot, series_from_trials
 from mergepipe.search.report import finished_points, summarise
+from mergepipe.search.workers import LocalPool, WorkerPool
 
 
 def quartiles(v: list[float]) -> tuple[float, float, float]:
@@ -46,10 +48,12 @@ def run_one(cat, home: Path, world: Path, algorithm: str, seed: int, args: argpa
                        tasks=[str(world / "test.jsonl")], algorithm=algorithm,
                        n_init=args.n_init, n_total=args.n_total, workers=args.workers, seed=seed,
                        limit=args.limit, group_size=args.group_size, stretch_alpha=stretch,
-                       probe=str(world / "train.jsonl"))
+                       probe=str(world / "train.jsonl"), pool=args.pool)
     sid = trials.create_search(cat, algorithm, cfg.to_json())
     t0 = time.time()
-    summary = SearchRun(cat, sid, home, progress=args.progress).run()
+    summary = SearchRun(cat, sid, home, progress=args.progress,
+                        pool_factory=without_helpers(args.pool) if args.no_helpers else None
+                        ).run()
     summary["bench_wall_s"] = time.time() - t0
     summary["seed"], summary["stretch_alpha"] = seed, stretch
     print(json.dumps({k: summary[k] for k in ("algorithm", "seed", "stretch_alpha", "trials",
@@ -58,6 +62,20 @@ def run_one(cat, home: Path, world: Path, algorithm: str, seed: int, args: argpa
                                               "drain_idle")}),
           file=sys.stderr, flush=True)
     return summary
+
+
+def without_helpers(kind: str) -> Callable[[int, str], WorkerPool]:
+    """A pool whose workers never help each other: each evaluation runs whole on its
+    owner (what the pools did before sharing), to measure what helping buys."""
+    def make(size: int, prefix: str) -> WorkerPool:
+        if kind == "ray":
+            from mergepipe.search.ray_pool import RayPool
+            pool: WorkerPool = RayPool(size, prefix)
+        else:
+            pool = LocalPool(size, prefix)
+        pool.board = None
+        return pool
+    return make
 
 
 def table(rows: list[dict], label: str) -> list[str]:
@@ -123,6 +141,10 @@ def main() -> None:
     ap.add_argument("--home", default="bench/out/search-ws")
     ap.add_argument("--out", default="bench/out")
     ap.add_argument("--progress", action="store_true")
+    ap.add_argument("--pool", choices=("local", "ray"), default="local",
+                    help="evaluators as local processes or as Ray actors (a local Ray instance)")
+    ap.add_argument("--no-helpers", action="store_true",
+                    help="a free worker never helps a slow trial (to measure what helping buys)")
     args = ap.parse_args()
 
     torch.set_num_threads(1)
@@ -157,7 +179,8 @@ def main() -> None:
         final = [summarise(cat, r["search_id"]) for r in results + stretched]
     lines = [f"world={world.name} workers={args.workers} budget={args.n_init}+"
              f"{args.n_total - args.n_init} seeds={args.seeds} limit={args.limit} "
-             f"group_size={args.group_size}", ""]
+             f"group_size={args.group_size} pool={args.pool}"
+             f"{' (no helpers)' if args.no_helpers else ''}", ""]
     lines += table(results, "natural evaluation times")
     if stretched:
         lines += table(stretched, f"evaluation times × Pareto(α={args.stretch_alpha}) factor "

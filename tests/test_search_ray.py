@@ -92,3 +92,30 @@ def test_actors_run_jobs_and_a_killed_actor_fails_its_trial_and_is_replaced(ray_
     ray_pool.submit("r.w0", 3, NapJob(0.0))
     again = _drain(ray_pool, 1)[0]
     assert again.ok and again.value["pid"] != first[0].value["pid"]   # a new actor process
+
+
+def test_a_free_actor_takes_the_units_a_slow_owner_has_not_reached(ray_pool):
+    """Actors share no memory: the claim counters live in an actor both evaluators call."""
+    from mergepipe.evaluate import evaluate_model
+    from mergepipe.search import sharing
+    from mergepipe.search.jobs import EvaluateJob, TaskRef
+    from mergepipe.world.build import ensure_world
+    world = ensure_world("test")
+    path = str(world / "test.jsonl")
+    task, slot, board = TaskRef(path, path), sharing.slot_of(7), ray_pool.board
+    owner = EvaluateJob(str(world / "reasoning"), [task], stretch=40.0, slot=slot)
+    board.arm(slot)
+    ray_pool.submit("r.w0", 7, owner)
+    deadline = time.time() + 120
+    while board.left(slot) != 1 and time.time() < deadline:
+        time.sleep(0.02)   # the owner has counted two units and claimed the first
+    assert board.left(slot) == 1
+    ray_pool.submit("r.w1", 7, EvaluateJob(owner.model_dir, [task], slot=slot, helper=True))
+    results = _drain(ray_pool, 2)
+    assert all(r.ok for r in results), [r.error for r in results]
+    helped = next(r for r in results if r.worker == "r.w1")
+    assert helped.value["units"] and board.left(slot) == 0
+    got = sharing.combine([r.value for r in results], [task])[task.name]
+    whole = evaluate_model(world / "reasoning", world / "test.jsonl", device="cpu")
+    assert (got["accuracy"], got["mean_tokens"], got["n"]) == \
+        (whole.accuracy, whole.mean_tokens, whole.n)

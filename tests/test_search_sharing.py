@@ -1,6 +1,7 @@
 """A slow evaluation shared with free workers gives the metrics one worker would have given."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import time
 
@@ -68,8 +69,11 @@ def test_a_free_worker_takes_the_units_a_slow_owner_has_not_reached(world):
         (whole.accuracy, whole.mean_tokens, whole.n)
 
 
+@pytest.mark.parametrize("pool", [
+    "local", pytest.param("ray", marks=[pytest.mark.slow, pytest.mark.skipif(
+        importlib.util.find_spec("ray") is None, reason="ray not installed")])])
 def test_a_search_lends_a_free_worker_to_its_slowest_trial_and_records_the_same_metrics(
-        cli, tmp_path, world):
+        cli, tmp_path, world, pool):
     # seed 89: trial 0's evaluation is stretched 1.1 times, trial 1's 20 times, so the
     # worker that ends trial 0 has nothing new to run while trial 1 has units left: four
     # (two tasks of two batches), so the helper's model load cannot lose them all to the
@@ -80,7 +84,7 @@ def test_a_search_lends_a_free_worker_to_its_slowest_trial_and_records_the_same_
     config = {"base": str(world / "base"), "reasoning": str(world / "reasoning"),
               "tasks": [str(world / "test.jsonl"), str(again)], "algorithm": "sobol",
               "workers": 2,
-              "seed": 89, "n_init": 2, "n_total": 2, "stretch_alpha": 1.5}
+              "seed": 89, "n_init": 2, "n_total": 2, "stretch_alpha": 1.5, "pool": pool}
     (tmp_path / "s.yml").write_text(yaml.safe_dump(config))
     final = json.loads(cli("search", "run", tmp_path / "s.yml", "--keep-all", "--json")
                        .stdout.strip().splitlines()[-1])

@@ -5,7 +5,9 @@ The same shape as :class:`~mergepipe.search.workers.LocalPool` (``free`` /
 process, so a resident evaluator keeps its engine across trials exactly as a
 local worker does. The coordinator alone writes the catalog; actors only run
 jobs and return :class:`TrialResult`s. An actor that dies fails its trial and is
-replaced.
+replaced. Actors share no memory, so the claim counters that let a free
+evaluator help a slow one (:mod:`mergepipe.search.sharing`) live in one more,
+CPU-less actor that every evaluator and the coordinator call.
 """
 from __future__ import annotations
 
@@ -17,17 +19,73 @@ from mergepipe.errors import MergePipeError
 from mergepipe.search.workers import WARM_MODULES, Job, TrialResult, warm_imports
 
 
+class _Counters:
+    """The actor body behind :class:`RayBoard`: claimed and total units per slot."""
+
+    def __init__(self) -> None:
+        self.claimed: dict[int, int] = {}
+        self.total: dict[int, int] = {}
+
+    def arm(self, slot: int) -> None:
+        self.claimed[slot] = self.total[slot] = 0
+
+    def count(self, slot: int, units: int) -> None:
+        self.total[slot] = units
+
+    def claim(self, slot: int) -> int:
+        i = self.claimed.get(slot, 0)
+        self.claimed[slot] = i + 1
+        return i
+
+    def left(self, slot: int) -> int:
+        return max(0, self.total.get(slot, 0) - self.claimed.get(slot, 0))
+
+    def may_share(self, slot: int) -> bool:
+        total = self.total.get(slot, 0)
+        return total == 0 or total > self.claimed.get(slot, 0)
+
+
+class RayBoard:
+    """The :class:`~mergepipe.search.sharing.Board` of a Ray pool: each call is one
+    round trip to the counters actor (a millisecond next to a generation batch),
+    and the actor runs its calls one at a time, so two claims never get the same unit."""
+
+    def __init__(self, counters: Any) -> None:
+        self._counters = counters     # an actor handle: picklable, usable from any actor
+
+    def _call(self, method: str, *args: int) -> Any:
+        import ray
+        return ray.get(getattr(self._counters, method).remote(*args))
+
+    def arm(self, slot: int) -> None:
+        self._call("arm", slot)
+
+    def count(self, slot: int, units: int) -> None:
+        self._call("count", slot, units)
+
+    def claim(self, slot: int) -> int:
+        return int(self._call("claim", slot))
+
+    def left(self, slot: int) -> int:
+        return int(self._call("left", slot))
+
+    def may_share(self, slot: int) -> bool:
+        return bool(self._call("may_share", slot))
+
+
 class _Evaluator:
     """The actor body: runs one job at a time in its own process."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, board: RayBoard | None = None) -> None:
         import os
         os.environ.setdefault("OMP_NUM_THREADS", "1")
         import torch
         torch.set_num_threads(1)
         from mergepipe.evaluate.hf import silence_transformers
+        from mergepipe.search import sharing
         silence_transformers()
         warm_imports(WARM_MODULES)
+        sharing.BOARD = board
         self.name = name
 
     def ready(self) -> bool:
@@ -62,10 +120,14 @@ class RayPool:
                 "num_cpus": size, "object_store_memory": 200 << 20}
             ray.init(include_dashboard=False, log_to_driver=False, **kwargs)
         self.size = size
-        self.board = None   # actors share no memory: each evaluation runs whole on one
+        # a free evaluator helps a slow one through counters in an actor of their own;
+        # it takes no CPU, so it never holds back an evaluator's placement
+        self._counters = ray.remote(num_cpus=0, max_restarts=-1,
+                                    max_task_retries=-1)(_Counters).remote()
+        self.board = RayBoard(self._counters)
         self._cls = ray.remote(num_cpus=1, max_restarts=0)(_Evaluator)
         self._names = [f"{prefix}{i}" for i in range(size)]
-        self._actors = {n: self._cls.remote(n) for n in self._names}
+        self._actors = {n: self._cls.remote(n, self.board) for n in self._names}
         self._busy: dict[str, tuple[int, float, Any]] = {}   # worker -> (trial, t0, ref)
 
     def free(self) -> list[str]:
@@ -101,11 +163,11 @@ class RayPool:
                 out.append(TrialResult(trial, worker, False, {},
                                        f"worker {worker} died ({type(exc).__name__})",
                                        t0, time.time()))
-                self._actors[worker] = self._cls.remote(worker)
+                self._actors[worker] = self._cls.remote(worker, self.board)
         return out
 
     def close(self) -> None:
-        for actor in self._actors.values():
+        for actor in [*self._actors.values(), self._counters]:
             try:
                 self._ray.kill(actor)
             except Exception:

@@ -15,11 +15,30 @@ are the ones a single worker would have computed, bit for bit.
 from __future__ import annotations
 
 import time
-from typing import Any, Sequence
+from typing import Any, Protocol, Sequence
 
 from mergepipe.errors import MergePipeError
 
 SLOTS = 4096   # claim counters; a trial uses slot trial % SLOTS
+
+
+class Board(Protocol):
+    """The claim counters a pool's workers and its coordinator share.
+
+    :class:`ClaimBoard` keeps them in shared memory for the processes of one
+    machine; a Ray pool keeps them in a small actor every evaluator can reach
+    (:class:`mergepipe.search.ray_pool.RayBoard`).
+    """
+
+    def arm(self, slot: int) -> None: ...
+
+    def count(self, slot: int, units: int) -> None: ...
+
+    def claim(self, slot: int) -> int: ...
+
+    def left(self, slot: int) -> int: ...
+
+    def may_share(self, slot: int) -> bool: ...
 
 
 class ClaimBoard:
@@ -39,6 +58,10 @@ class ClaimBoard:
             self.claimed[slot] = 0
             self.total[slot] = 0
 
+    def count(self, slot: int, units: int) -> None:
+        """Say how many units the slot's evaluation has (each job counts the same)."""
+        self.total[slot] = units
+
     def claim(self, slot: int) -> int:
         with self.claimed.get_lock():
             i = self.claimed[slot]
@@ -56,7 +79,7 @@ class ClaimBoard:
             return self.total[slot] == 0 or self.total[slot] > self.claimed[slot]
 
 
-BOARD: ClaimBoard | None = None   # set in a pool's worker processes
+BOARD: Board | None = None   # set in a pool's worker processes
 
 
 def slot_of(trial: int) -> int:
@@ -92,7 +115,7 @@ def score_units(engine: Any, tasks: Sequence[Any], slot: int | None,
     units = units_of(engine, loaded)
     board = BOARD if slot is not None else None
     if board is not None:
-        board.total[slot] = len(units)
+        board.count(slot, len(units))
     done: dict[int, list[Any]] = {}
     i = -1
     while True:

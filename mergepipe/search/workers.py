@@ -16,7 +16,7 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from mergepipe.search.sharing import ClaimBoard
+from mergepipe.search.sharing import Board, ClaimBoard
 
 
 class Job(Protocol):
@@ -48,7 +48,7 @@ class WorkerPool(Protocol):
     """What the coordinator needs from a set of evaluators."""
 
     size: int
-    board: ClaimBoard | None      # shared unit counters, None where workers cannot share
+    board: Board | None           # shared unit counters, None where workers cannot share
 
     def free(self) -> list[str]: ...
 
