@@ -32,7 +32,7 @@ from mergepipe.search.coordinator import SearchRun
 from mergepipe.search.harvest import write_plots
 from mergepipe.search.plots import hypervolume_plot, series_from_trials
 from mergepipe.search.report import finished_points, summarise
-from mergepipe.search.workers import LocalPool, WorkerPool
+from mergepipe.search.workers import WorkerPool, make_pool
 
 
 def quartiles(v: list[float]) -> tuple[float, float, float]:
@@ -68,11 +68,7 @@ def without_helpers(kind: str) -> Callable[[int, str], WorkerPool]:
     """A pool whose workers never help each other: each evaluation runs whole on its
     owner (what the pools did before sharing), to measure what helping buys."""
     def make(size: int, prefix: str) -> WorkerPool:
-        if kind == "ray":
-            from mergepipe.search.ray_pool import RayPool
-            pool: WorkerPool = RayPool(size, prefix)
-        else:
-            pool = LocalPool(size, prefix)
+        pool = make_pool(kind, size, prefix)
         pool.board = None
         return pool
     return make

@@ -40,7 +40,7 @@ from mergepipe.search.report import session_of, summarise
 from mergepipe.search.resident import ResidentJob
 from mergepipe.search.sharing import combine, slot_of
 from mergepipe.search.space import LayerSpace
-from mergepipe.search.workers import LocalPool, TrialResult, WorkerPool
+from mergepipe.search.workers import TrialResult, WorkerPool, make_pool
 
 
 @dataclass
@@ -84,10 +84,7 @@ class SearchRun:
 
     # -- setup ------------------------------------------------------------
     def _default_pool(self, size: int, prefix: str) -> WorkerPool:
-        if self.cfg.pool == "ray":
-            from mergepipe.search.ray_pool import RayPool
-            return RayPool(size, prefix, self.cfg.ray_address)
-        return LocalPool(size, prefix)
+        return make_pool(self.cfg.pool, size, prefix, self.cfg.ray_address)
 
     def _session(self, rows: list[dict[str, Any]]) -> str:
         seen = {session_of(r["worker"]) for r in rows if r["worker"]}

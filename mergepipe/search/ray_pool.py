@@ -16,39 +16,15 @@ import traceback
 from typing import Any
 
 from mergepipe.errors import MergePipeError
+from mergepipe.search.sharing import ClaimBoard
 from mergepipe.search.workers import WARM_MODULES, Job, TrialResult, warm_imports
 
 
-class _Counters:
-    """The actor body behind :class:`RayBoard`: claimed and total units per slot."""
-
-    def __init__(self) -> None:
-        self.claimed: dict[int, int] = {}
-        self.total: dict[int, int] = {}
-
-    def arm(self, slot: int) -> None:
-        self.claimed[slot] = self.total[slot] = 0
-
-    def count(self, slot: int, units: int) -> None:
-        self.total[slot] = units
-
-    def claim(self, slot: int) -> int:
-        i = self.claimed.get(slot, 0)
-        self.claimed[slot] = i + 1
-        return i
-
-    def left(self, slot: int) -> int:
-        return max(0, self.total.get(slot, 0) - self.claimed.get(slot, 0))
-
-    def may_share(self, slot: int) -> bool:
-        total = self.total.get(slot, 0)
-        return total == 0 or total > self.claimed.get(slot, 0)
-
-
 class RayBoard:
-    """The :class:`~mergepipe.search.sharing.Board` of a Ray pool: each call is one
-    round trip to the counters actor (a millisecond next to a generation batch),
-    and the actor runs its calls one at a time, so two claims never get the same unit."""
+    """The :class:`~mergepipe.search.sharing.Board` of a Ray pool: a
+    :class:`~mergepipe.search.sharing.ClaimBoard` in an actor of its own. Each call
+    is one round trip to it (a millisecond next to a generation batch), and the
+    actor runs its calls one at a time, so two claims never get the same unit."""
 
     def __init__(self, counters: Any) -> None:
         self._counters = counters     # an actor handle: picklable, usable from any actor
@@ -123,7 +99,7 @@ class RayPool:
         # a free evaluator helps a slow one through counters in an actor of their own;
         # it takes no CPU, so it never holds back an evaluator's placement
         self._counters = ray.remote(num_cpus=0, max_restarts=-1,
-                                    max_task_retries=-1)(_Counters).remote()
+                                    max_task_retries=-1)(ClaimBoard).remote()
         self.board = RayBoard(self._counters)
         self._cls = ray.remote(num_cpus=1, max_restarts=0)(_Evaluator)
         self._names = [f"{prefix}{i}" for i in range(size)]

@@ -14,6 +14,7 @@ are the ones a single worker would have computed, bit for bit.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any, Protocol, Sequence
 
@@ -26,8 +27,8 @@ class Board(Protocol):
     """The claim counters a pool's workers and its coordinator share.
 
     :class:`ClaimBoard` keeps them in shared memory for the processes of one
-    machine; a Ray pool keeps them in a small actor every evaluator can reach
-    (:class:`mergepipe.search.ray_pool.RayBoard`).
+    machine; a Ray pool runs a :class:`ClaimBoard` in a small actor every
+    evaluator can reach (:class:`mergepipe.search.ray_pool.RayBoard`).
     """
 
     def arm(self, slot: int) -> None: ...
@@ -44,13 +45,19 @@ class Board(Protocol):
 class ClaimBoard:
     """Per trial slot, units claimed so far and units in all (0 until a job has counted them).
 
-    Lives in shared memory created by the pool and handed to each worker process
-    at start-up; the coordinator reads it to see which trial has work to share.
+    With a multiprocessing context it lives in shared memory created by the pool
+    and handed to each worker process at start-up; the coordinator reads it to
+    see which trial has work to share. Without one it is plain lists for a single
+    process that serves every call in turn (a Ray pool's counters actor).
     """
 
-    def __init__(self, ctx: Any) -> None:
-        self.claimed = ctx.Array("i", SLOTS)
-        self.total = ctx.Array("i", SLOTS, lock=False)
+    def __init__(self, ctx: Any = None) -> None:
+        if ctx is None:
+            self.claimed: Any = _Unlocked([0] * SLOTS)
+            self.total: Any = [0] * SLOTS
+        else:
+            self.claimed = ctx.Array("i", SLOTS)
+            self.total = ctx.Array("i", SLOTS, lock=False)
 
     def arm(self, slot: int) -> None:
         """Reset a slot before its trial is handed out."""
@@ -77,6 +84,13 @@ class ClaimBoard:
         """Units are unclaimed, or not counted yet (the owner is still loading)."""
         with self.claimed.get_lock():
             return self.total[slot] == 0 or self.total[slot] > self.claimed[slot]
+
+
+class _Unlocked(list):
+    """A list with the ``get_lock`` of a shared array, for a board one process serves."""
+
+    def get_lock(self) -> contextlib.nullcontext:
+        return contextlib.nullcontext()
 
 
 BOARD: Board | None = None   # set in a pool's worker processes
