@@ -28,11 +28,11 @@ from mergepipe.catalog.store import open_catalog
 from mergepipe.search import trials
 from mergepipe.search.algorithms import ALGORITHMS
 from mergepipe.search.config import SearchConfig
-from mergepipe.search.coordinator import SearchRun
+from mergepipe.search.coordinator import SearchRun, make_pool
 from mergepipe.search.harvest import write_plots
 from mergepipe.search.plots import hypervolume_plot, series_from_trials
 from mergepipe.search.report import finished_points, summarise
-from mergepipe.search.workers import WorkerPool, make_pool
+from mergepipe.search.workers import WorkerPool
 
 
 def quartiles(v: list[float]) -> tuple[float, float, float]:

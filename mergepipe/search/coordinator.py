@@ -40,7 +40,7 @@ from mergepipe.search.report import session_of, summarise
 from mergepipe.search.resident import ResidentJob
 from mergepipe.search.sharing import combine, slot_of
 from mergepipe.search.space import LayerSpace
-from mergepipe.search.workers import TrialResult, WorkerPool, make_pool
+from mergepipe.search.workers import LocalPool, TrialResult, WorkerPool
 
 
 @dataclass
@@ -54,6 +54,14 @@ class InFlight:
     slot: int | None = None       # the trial's shared unit counter, if the pool has them
     jobs: int = 1                 # jobs of this trial still out (owner and helpers)
     parts: list[TrialResult] = field(default_factory=list)
+
+
+def make_pool(kind: str, size: int, prefix: str, ray_address: str | None = None) -> WorkerPool:
+    """The pool a search config names: ``local`` processes or ``ray`` actors."""
+    if kind == "ray":
+        from mergepipe.search.ray_pool import RayPool   # ray is an optional extra
+        return RayPool(size, prefix, ray_address)
+    return LocalPool(size, prefix)
 
 
 def search_root(home: Path, search_id: str, cfg: SearchConfig) -> Path:

@@ -216,11 +216,3 @@ class LocalPool:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def make_pool(kind: str, size: int, prefix: str, ray_address: str | None = None) -> WorkerPool:
-    """The pool a search config names: ``local`` processes or ``ray`` actors."""
-    if kind == "ray":
-        from mergepipe.search.ray_pool import RayPool   # ray is an optional extra
-        return RayPool(size, prefix, ray_address)
-    return LocalPool(size, prefix)
