@@ -138,3 +138,44 @@ def test_an_older_catalog_gains_trials_busy_s_and_its_rows_count_their_span(tmp_
         assert timing(rows, 1)["busy_s"] == 4.0
         assert cat.rows(sa.select(schema.meta.c.value).where(
             schema.meta.c.key == "schema_version")) == [{"value": str(schema.SCHEMA_VERSION)}]
+
+
+def test_the_coordinator_reads_every_trials_counters_in_one_call_per_look():
+    """On a Ray pool each board call is a round trip to the counters actor; a look per
+    slot made a coordinator with many trials in flight wait on as many round trips
+    every time its loop polled."""
+    from types import SimpleNamespace
+
+    from mergepipe.search.coordinator import InFlight, SearchRun
+
+    class Counting(sharing.ClaimBoard):
+        calls = 0
+
+        def survey(self, slots):
+            self.calls += 1
+            return super().survey(slots)
+
+        def left(self, slot):
+            raise AssertionError("the coordinator read one slot at a time")
+
+    board = Counting()
+    for slot, units, claimed in ((1, 4, 1), (2, 6, 2), (3, 0, 0)):   # trial 3 still loading
+        board.arm(slot)
+        if units:
+            board.count(slot, units)
+        for _ in range(claimed):
+            board.claim(slot)
+    assert board.survey([1, 2, 3]) == [(3, True), (4, True), (0, True)]
+    board.calls = 0
+    sent: list[tuple[str, int]] = []
+    run = SearchRun.__new__(SearchRun)
+    run.inflight = {t: InFlight([0.5], None, None, job=EvaluateJob("m", []), slot=t)
+                    for t in (1, 2, 3)}
+    pool = SimpleNamespace(board=board, free=lambda: ["w"],
+                           submit=lambda worker, trial, job: sent.append((worker, trial)))
+    assert run._may_share(pool) and board.calls == 1
+    run._share(pool, ["w4", "w5", "w6", "w7"])
+    # spare units: trial 2 has 4 - 1 job, trial 1 has 3 - 1; each helper claims one next
+    assert board.calls == 2
+    assert sent == [("w4", 2), ("w5", 1), ("w6", 2), ("w7", 1)]
+    assert [run.inflight[t].jobs for t in (1, 2, 3)] == [3, 3, 1]

@@ -269,21 +269,25 @@ class SearchRun:
         """
         board = pool.board
         assert board is not None
+        shared = {t: i for t, i in self.inflight.items() if i.slot is not None}
+        left = board.survey([i.slot for i in shared.values()])
+        spare = {t: n - i.jobs for (t, i), (n, _) in zip(shared.items(), left)}
         while free:
-            spare = {t: board.left(i.slot) - i.jobs for t, i in self.inflight.items()
-                     if i.slot is not None}
             trial = max(spare, key=lambda t: (spare[t], -t), default=None)
             if trial is None or spare[trial] < 0:
                 return
             inf = self.inflight[trial]
             pool.submit(free.pop(0), trial, replace(inf.job, helper=True))
             inf.jobs += 1
+            spare[trial] -= 1
 
     def _may_share(self, pool: WorkerPool) -> bool:
         """Whether a free worker may yet find units to take (so the loop must look again)."""
         board = pool.board
-        return board is not None and bool(pool.free()) and any(
-            i.slot is not None and board.may_share(i.slot) for i in self.inflight.values())
+        if board is None or not pool.free():
+            return False
+        slots = [i.slot for i in self.inflight.values() if i.slot is not None]
+        return bool(slots) and any(may for _, may in board.survey(slots))
 
     def _gather(self, share: TrialResult) -> TrialResult | None:
         """The trial's result once all its units are back (or a share failed); else None."""

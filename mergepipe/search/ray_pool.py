@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 import traceback
-from typing import Any
+from typing import Any, Sequence
 
 from mergepipe.errors import MergePipeError
 from mergepipe.search.sharing import ClaimBoard
@@ -29,7 +29,7 @@ class RayBoard:
     def __init__(self, counters: Any) -> None:
         self._counters = counters     # an actor handle: picklable, usable from any actor
 
-    def _call(self, method: str, *args: int) -> Any:
+    def _call(self, method: str, *args: Any) -> Any:
         import ray
         return ray.get(getattr(self._counters, method).remote(*args))
 
@@ -45,8 +45,8 @@ class RayBoard:
     def left(self, slot: int) -> int:
         return int(self._call("left", slot))
 
-    def may_share(self, slot: int) -> bool:
-        return bool(self._call("may_share", slot))
+    def survey(self, slots: Sequence[int]) -> list[tuple[int, bool]]:
+        return [(int(n), bool(m)) for n, m in self._call("survey", list(slots))]
 
 
 class _Evaluator:

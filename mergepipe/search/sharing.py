@@ -39,7 +39,7 @@ class Board(Protocol):
 
     def left(self, slot: int) -> int: ...
 
-    def may_share(self, slot: int) -> bool: ...
+    def survey(self, slots: Sequence[int]) -> list[tuple[int, bool]]: ...
 
 
 class ClaimBoard:
@@ -80,10 +80,13 @@ class ClaimBoard:
         with self.claimed.get_lock():
             return max(0, self.total[slot] - self.claimed[slot])
 
-    def may_share(self, slot: int) -> bool:
-        """Units are unclaimed, or not counted yet (the owner is still loading)."""
+    def survey(self, slots: Sequence[int]) -> list[tuple[int, bool]]:
+        """Per slot, (units left, whether a helper may yet find one): units are
+        unclaimed, or not counted yet (the owner is still loading). One call for
+        every trial in flight, so a remote board costs one round trip per look."""
         with self.claimed.get_lock():
-            return self.total[slot] == 0 or self.total[slot] > self.claimed[slot]
+            return [(max(0, self.total[s] - self.claimed[s]),
+                     self.total[s] == 0 or self.total[s] > self.claimed[s]) for s in slots]
 
 
 class _Unlocked(list):
