@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from mergepipe.search.acquisition import score_each
-from mergepipe.search.algorithms import APBMM, History, make_algorithm, sobol_design
+from mergepipe.search.algorithms import (APBMM, History, make_algorithm, sobol_design,
+                                         with_sources)
 from mergepipe.search.rerank import DUPLICATE_TOL, rms_distance
 from mergepipe.search.space import LayerSpace
 from mergepipe.search.workers import LocalPool
@@ -218,3 +219,28 @@ def test_apbmm_bridges_the_largest_front_gaps_including_the_sources():
     # (compared exactly: both come from the same arithmetic, and torch.cdist's matmul path
     # for larger inputs would leave ~1e-8 of rounding in a zero distance)
     assert all(bool((pool == b).all(-1).any()) for b in bridges)
+
+
+def test_apbmm_halves_the_closest_pair_that_straddles_each_front_gap():
+    """A merge near the base that answers like it, one further along the same edge
+    that jumps to a plateau: the ramp between them is where the front's missing piece
+    lies, and a batch's last places go to the midpoints of the largest gaps' pairs."""
+    alg = make_algorithm("apbmm", LayerSpace(2), 4, 20, 0)
+    X = torch.tensor([[0.3, 0, 0], [0.1, 0.1, 0.1], [0.58, 0, 0], [0.9, 0.9, 0.9],
+                      [0.44, 0.01, 0.0]], dtype=torch.double)
+    Y = torch.tensor([[0.014, 1.0], [0.0, 1.0], [0.27, 0.64], [0.9, 0.05], [-0.2, -0.2]],
+                     dtype=torch.double)   # the last one failed: it brackets nothing
+    Xs, Ys = with_sources(History(X, Y, X[:0]))
+    got = [[round(v, 6) for v in p] for p in alg.straddles(Xs, Ys)]
+    # gaps by area: 0.27 → 0.9 (pair 0.58,0,0 and 0.9,...), 0.014 → 0.27 (the edge's
+    # pair), 0.9 → reasoning (the last trial and the corner)
+    assert got == [[0.74, 0.45, 0.45], [0.44, 0.0, 0.0], [0.95, 0.95, 0.95]]
+    # a pair as close as the duplicate tolerance is a cliff, not a ramp: skipped
+    Xc = torch.cat([Xs, torch.tensor([[0.305, 0, 0]], dtype=torch.double)])
+    Yc = torch.cat([Ys, torch.tensor([[0.27, 0.64]], dtype=torch.double)])
+    assert [0.44, 0.0, 0.0] not in [[round(v, 6) for v in p] for p in alg.straddles(Xc, Yc)]
+    # a batch of three: the rerank's best, then the largest gaps' midpoints, less the
+    # one that repeats the failed trial (tried: it would learn nothing)
+    picks = alg.propose(History(X, Y, X[:0]), 3)
+    assert [[round(v, 6) for v in p] for p in picks[1:]] == [[0.74, 0.45, 0.45],
+                                                           [0.95, 0.95, 0.95]]

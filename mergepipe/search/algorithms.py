@@ -17,8 +17,8 @@ from botorch.models.model import Model
 from mergepipe.search.acquisition import (build_acquisition, optimise_batch, optimise_pool,
                                           score_each)
 from mergepipe.search.config import ALGORITHMS  # the names live with the config (light)
-from mergepipe.search.objectives import pareto_mask
-from mergepipe.search.rerank import rerank, unseen
+from mergepipe.search.objectives import REF_POINT, pareto_mask
+from mergepipe.search.rerank import DUPLICATE_TOL, rerank, rms_distance, unseen
 from mergepipe.search.space import LayerSpace, model_level_spec
 from mergepipe.search.surrogate import DEFAULT_LENGTHSCALE, fit_surrogate
 
@@ -29,6 +29,7 @@ PERTURBATIONS = 4       # moves around each Pareto point added to the pool
 PERTURB_SCALE = 0.08
 BRIDGE_STEPS = (0.25, 0.5, 0.75)  # where along a front gap bridging candidates sit
 EDGE_STEPS = 10         # steps along each edge: EDGE_STEPS + 1 points, its ends included
+STRADDLES = 2           # places in each AP-BMM batch for halving a pair across a front gap
 
 
 @dataclass
@@ -151,7 +152,8 @@ class SyncQNEHVI(Algorithm):
 
 
 class APBMM(Algorithm):
-    """Asynchronous prior-guided BO: pending-aware acquisition plus the gap-aware rerank."""
+    """Asynchronous prior-guided BO: pending-aware acquisition, the gap-aware rerank,
+    and a place or two in each batch for closing in on a gap's ramp (:meth:`straddles`)."""
 
     pool_factor: int = 3
 
@@ -165,7 +167,13 @@ class APBMM(Algorithm):
         with torch.no_grad():
             means = model.posterior(pool).mean.reshape(-1, 2)
         picks = rerank(pool, scores, means, Y[pareto_mask(Y)], history.pending, n, evaluated=X)
-        return self.fill([pool[i].tolist() for i in picks], history, n)
+        chosen = [pool[i].tolist() for i in picks]
+        if n > 1 and len(chosen) == n:   # the batch's last places go to the largest gaps
+            keep = n - min(STRADDLES, n - 1)
+            mids = unseen(self.straddles(X, Y),
+                          history.pending.tolist() + X.tolist() + chosen[:keep])
+            chosen = (chosen[:keep] + mids[:n - keep] + chosen[keep:])[:n]
+        return self.fill(chosen, history, n)
 
     def acquisition(self, history: History) -> tuple[Model, AcquisitionFunction]:
         """The surrogate and the acquisition, both knowing the two sources.
@@ -256,6 +264,37 @@ class APBMM(Algorithm):
             for t in BRIDGE_STEPS:
                 out.append(Xf[i] + t * (Xf[i + 1] - Xf[i]))
         return torch.stack(out) if out else torch.zeros(0, self.dim, dtype=torch.double)
+
+    def straddles(self, X: torch.Tensor, Y: torch.Tensor) -> list[list[float]]:
+        """Per gap of the front, largest empty rectangle first: the midpoint of the
+        closest pair of merges, one no more accurate than the gap's left end and one
+        at least as accurate as its right end.
+
+        The front's missing pieces often sit on a narrow ramp between a plateau of
+        merges that answer like one source and a plateau further on (on the tiny
+        world, past a zone near the base where merges answer exactly like it). A
+        smooth surrogate calls such steps noise and keeps sampling the plateaus; the
+        closest pair that straddles a gap brackets its ramp, and halving the pair
+        closes in on it whatever the surrogate believes. Pairs already as close as
+        the duplicate tolerance are a cliff, not a ramp, and are skipped.
+        """
+        ok = (Y != torch.tensor(REF_POINT, dtype=torch.double)).any(-1)   # failures
+        X, Y = X[ok], Y[ok]
+        front = Y[pareto_mask(Y)]
+        front = front[torch.argsort(front[:, 0])]
+        if front.shape[0] < 2:
+            return []
+        area = (front[1:, 0] - front[:-1, 0]) * (front[:-1, 1] - front[1:, 1])
+        out = []
+        for g in torch.argsort(area, descending=True).tolist():
+            below, above = X[Y[:, 0] <= front[g, 0]], X[Y[:, 0] >= front[g + 1, 0]]
+            if not below.shape[0] or not above.shape[0]:
+                continue
+            d = rms_distance(below, above)
+            i, j = divmod(int(torch.argmin(d)), above.shape[0])
+            if float(d[i, j]) > 2 * DUPLICATE_TOL:
+                out.append(((below[i] + above[j]) / 2).tolist())
+        return out
 
 
 _FACTORIES: dict[str, Callable[..., Algorithm]] = {
