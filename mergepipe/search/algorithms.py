@@ -135,6 +135,14 @@ def with_sources(history: "History") -> tuple[torch.Tensor, torch.Tensor]:
             torch.cat([history.Y, torch.tensor(ANCHOR_POINTS, dtype=torch.double)]))
 
 
+def front_by_accuracy(X: torch.Tensor, Y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Pareto points (decisions, objectives), least accurate first: the order in
+    which a front's gaps are read."""
+    mask = pareto_mask(Y)
+    order = torch.argsort(Y[mask][:, 0])
+    return X[mask][order], Y[mask][order]
+
+
 def _torch_seed(seed: int, n_obs: int) -> int:
     return (seed * 100_003 + n_obs) % (2 ** 31)
 
@@ -251,11 +259,7 @@ class APBMM(Algorithm):
         space, which is where the front needs points; the sources close the front
         at both ends.
         """
-        X, Y = with_sources(history)
-        mask = pareto_mask(Y)
-        Xf, Yf = X[mask], Y[mask]
-        order = torch.argsort(Yf[:, 0])
-        Xf, Yf = Xf[order], Yf[order]
+        Xf, Yf = front_by_accuracy(*with_sources(history))
         if Xf.shape[0] < 2:
             return torch.zeros(0, self.dim, dtype=torch.double)
         lengths = (Yf[1:] - Yf[:-1]).norm(dim=-1)
@@ -280,8 +284,7 @@ class APBMM(Algorithm):
         """
         ok = (Y != torch.tensor(REF_POINT, dtype=torch.double)).any(-1)   # failures
         X, Y = X[ok], Y[ok]
-        front = Y[pareto_mask(Y)]
-        front = front[torch.argsort(front[:, 0])]
+        _, front = front_by_accuracy(X, Y)
         if front.shape[0] < 2:
             return []
         area = (front[1:, 0] - front[:-1, 0]) * (front[:-1, 1] - front[1:, 1])
