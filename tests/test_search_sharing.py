@@ -174,8 +174,13 @@ def test_the_coordinator_reads_every_trials_counters_in_one_call_per_look():
     pool = SimpleNamespace(board=board, free=lambda: ["w"],
                            submit=lambda worker, trial, job: sent.append((worker, trial)))
     assert run._may_share(pool) and board.calls == 1
-    run._share(pool, ["w4", "w5", "w6", "w7"])
+    looked = run._share(pool, ["w4", "w5", "w6", "w7"])
     # spare units: trial 2 has 4 - 1 job, trial 1 has 3 - 1; each helper claims one next
     assert board.calls == 2
     assert sent == [("w4", 2), ("w5", 1), ("w6", 2), ("w7", 1)]
     assert [run.inflight[t].jobs for t in (1, 2, 3)] == [3, 3, 1]
+    # the loop's later look in the same pass reuses that survey: no second call
+    assert looked == {1: True, 2: True, 3: True}
+    assert run._may_share(pool, looked) and board.calls == 2
+    del run.inflight[3]                        # recorded since: its loading units are gone
+    assert not run._may_share(pool, {1: False, 2: False, 3: True}) and board.calls == 2

@@ -189,8 +189,9 @@ class SearchRun:
                     for x in self._propose(n):
                         self._dispatch(pool, self.next_trial, x, free.pop(0))
                         self.next_trial += 1
+                looked: dict[int, bool] | None = None     # this pass's survey of the board
                 if free and pool.board is not None:   # nothing new to run: help a slow one
-                    self._share(pool, free)
+                    looked = self._share(pool, free)
                 for share in unrecorded:          # the freed workers already have new work
                     r = self._gather(share)
                     if r is None:                 # other shares of the trial are still out
@@ -224,7 +225,7 @@ class SearchRun:
                         ready = unseen(batch[1], self._taken()) if batch else ready
                     continue
                 waiting_on_proposer = proposer is not None and proposer.busy and pool.free()
-                poll = waiting_on_proposer or self._may_share(pool)
+                poll = waiting_on_proposer or self._may_share(pool, looked)
                 unrecorded = pool.wait(timeout=0.05 if poll else None)
         finally:
             if proposer is not None:
@@ -260,12 +261,14 @@ class SearchRun:
                 f"f_cost {f_cost:.4f}, hypervolume {hypervolume(self.Y):.4f}")
 
     # -- shared evaluations -------------------------------------------------
-    def _share(self, pool: WorkerPool, free: list[str]) -> None:
+    def _share(self, pool: WorkerPool, free: list[str]) -> dict[int, bool]:
         """Send each free worker to the in-flight trial with the most unclaimed units.
 
         A helper pays a model load (or an in-memory merge) before its first unit, so
         it only goes where at least as many units are unclaimed as jobs are already on
-        the trial (each of those claims one next).
+        the trial (each of those claims one next). Returns what the survey said per
+        trial (may a helper yet find units there), which :meth:`_may_share` reuses in
+        the same pass instead of asking the board again.
         """
         board = pool.board
         assert board is not None
@@ -275,17 +278,25 @@ class SearchRun:
         while free:
             trial = max(spare, key=lambda t: (spare[t], -t), default=None)
             if trial is None or spare[trial] < 0:
-                return
+                break
             inf = self.inflight[trial]
             pool.submit(free.pop(0), trial, replace(inf.job, helper=True))
             inf.jobs += 1
             spare[trial] -= 1
+        return {t: may for t, (_, may) in zip(shared, left)}
 
-    def _may_share(self, pool: WorkerPool) -> bool:
-        """Whether a free worker may yet find units to take (so the loop must look again)."""
+    def _may_share(self, pool: WorkerPool, looked: dict[int, bool] | None = None) -> bool:
+        """Whether a free worker may yet find units to take (so the loop must look again).
+
+        ``looked`` is this pass's survey from :meth:`_share`, if it made one. Since
+        then trials have only been recorded, never handed out, so it still holds for
+        the trials left in flight.
+        """
         board = pool.board
         if board is None or not pool.free():
             return False
+        if looked is not None:
+            return any(may for t, may in looked.items() if t in self.inflight)
         slots = [i.slot for i in self.inflight.values() if i.slot is not None]
         return bool(slots) and any(may for _, may in board.survey(slots))
 
