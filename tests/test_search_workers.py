@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -244,3 +245,32 @@ def test_apbmm_halves_the_closest_pair_that_straddles_each_front_gap():
     picks = alg.propose(History(X, Y, X[:0]), 3)
     assert [[round(v, 6) for v in p] for p in picks[1:]] == [[0.74, 0.45, 0.45],
                                                            [0.95, 0.95, 0.95]]
+
+
+def test_a_freed_worker_runs_a_straddle_of_the_newest_front_when_the_ready_batch_is_stale():
+    """With refits slower than evaluations, the ready batch was chosen without the
+    last few results; a straddle needs only the results, so it goes first, and ready
+    points that repeat a point handed out since are dropped."""
+    from mergepipe.search.coordinator import MAX_LAG, SearchRun
+
+    run = SearchRun.__new__(SearchRun)
+    run.alg = make_algorithm("apbmm", LayerSpace(2), 4, 20, 0)
+    run.X = [[0.3, 0, 0], [0.1, 0.1, 0.1], [0.58, 0, 0], [0.9, 0.9, 0.9]]
+    run.Y = [[0.014, 1.0], [0.0, 1.0], [0.27, 0.64], [0.9, 0.05]]
+    run.inflight = {}
+    ready = [[0.5, 0.5, 0.5], [0.2, 0.6, 0.2]]
+    # chosen on the whole history: the batch goes first, in its order
+    assert run._next_point(ready, len(run.Y)) == [0.5, 0.5, 0.5] and len(ready) == 1
+    # chosen before the last MAX_LAG + 1 results: the largest gap's straddle first,
+    # and the ready point waits
+    stale = len(run.Y) - MAX_LAG - 1
+    assert [round(v, 6) for v in run._next_point(ready, stale)] == [0.74, 0.45, 0.45]
+    assert ready == [[0.2, 0.6, 0.2]]
+    # once that straddle is in flight, the next gap's
+    run.inflight = {7: SimpleNamespace(x=[0.74, 0.45, 0.45])}
+    assert [round(v, 6) for v in run._next_point(ready, stale)] == [0.44, 0.0, 0.0]
+    # no straddle left to run: the ready batch, less what was handed out meanwhile
+    run.alg.immediate = lambda history: []
+    ready = [[0.74, 0.45, 0.45], [0.2, 0.6, 0.2]]
+    assert run._next_point(ready, stale) == [0.2, 0.6, 0.2] and ready == []
+    assert run._next_point([[0.74, 0.45, 0.45]], stale) is None

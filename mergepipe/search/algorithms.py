@@ -84,6 +84,15 @@ class Algorithm:
     def spec(self, x: Sequence[float], base: str, reasoning: str) -> dict[str, Any]:
         return self.space.to_spec(x, base, reasoning)
 
+    def immediate(self, history: History) -> list[list[float]]:
+        """Points worth running now that need no surrogate, best first (none here).
+
+        The coordinator asks for them when its ready batch was chosen on an
+        out-of-date history, at the moment a worker frees up, so they must take
+        milliseconds, not a refit.
+        """
+        return []
+
     def fill(self, chosen: list[list[float]], history: History, n: int) -> list[list[float]]:
         """Top up with Sobol points away from everything pending (rarely needed)."""
         extra = sobol_design(self.dim, 256, self.seed + 7919 + history.X.shape[0])
@@ -182,6 +191,12 @@ class APBMM(Algorithm):
                           history.pending.tolist() + X.tolist() + chosen[:keep])
             chosen = (chosen[:keep] + mids[:n - keep] + chosen[keep:])[:n]
         return self.fill(chosen, history, n)
+
+    def immediate(self, history: History) -> list[list[float]]:
+        """The straddles of the newest front (:meth:`straddles`): bisecting a gap's
+        closest bracketing pair needs only the results, so it can use every one
+        that came in while the last batch was being computed."""
+        return self.straddles(*with_sources(history))
 
     def acquisition(self, history: History) -> tuple[Model, AcquisitionFunction]:
         """The surrogate and the acquisition, both knowing the two sources.

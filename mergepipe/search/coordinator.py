@@ -2,9 +2,11 @@
 
 The loop is short on purpose: whenever workers are free, give them the next
 point (a requeued trial, a fixed design point, or a fresh proposal with every
-in-flight candidate as pending); then wait for any result, commit it, record
-it and garbage-collect what fell off the Pareto front. The synchronous
-baseline differs in one place: it proposes only when nothing is in flight.
+in-flight candidate as pending, or, when that proposal was chosen on an
+out-of-date history, a point the algorithm computes on the spot); then wait for
+any result, commit it, record it and garbage-collect what fell off the Pareto
+front. The synchronous baseline differs in one place: it proposes only when
+nothing is in flight.
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ from mergepipe.runs.apply import build_and_store
 from mergepipe.runs.recovery import recover
 from mergepipe.runs.transaction import abort_run, begin_run, commit_run, committed_result
 from mergepipe.search import trials
-from mergepipe.search.algorithms import Algorithm, make_algorithm
+from mergepipe.search.algorithms import Algorithm, History, make_algorithm
 from mergepipe.search.anchors import ensure_anchors, task_refs
 from mergepipe.search.config import SearchConfig
 from mergepipe.search.jobs import EvaluateJob, MergeEvaluateJob, stretch_factor
@@ -160,6 +162,7 @@ class SearchRun:
         proposer = Proposer(self.alg) if proposes and not self.alg.synchronous else None
         ready: list[list[float]] = []     # the newest batch, not yet handed out
         asked = -1                        # history size the newest batch was requested on
+        ready_on = -1                     # history size the ready points were chosen on
         promised: set[int] = set()        # ready points the batch being computed counts on
         unrecorded: list[TrialResult] = []   # finished, still in self.inflight until recorded
         try:
@@ -179,9 +182,13 @@ class SearchRun:
                     if batch is not None:         # fresher than the rest of the last batch,
                         kept = [x for x in ready if id(x) in promised]
                         ready = kept + unseen(batch[1], self._taken() + kept)
+                        ready_on = batch[0]
                         promised = set()          # but not than the points it counted on
                     while free and ready and self.next_trial < self.cfg.n_total:
-                        self._dispatch(pool, self.next_trial, ready.pop(0), free.pop(0))
+                        x = self._next_point(ready, ready_on)
+                        if x is None:
+                            break
+                        self._dispatch(pool, self.next_trial, x, free.pop(0))
                         self.next_trial += 1
                 elif proposes and free and not self.inflight and \
                         self.next_trial < self.cfg.n_total:   # a synchronous batch
@@ -222,7 +229,8 @@ class SearchRun:
                         break
                     if proposer is not None:      # nothing runs: only the proposer can help
                         batch = proposer.take(block=True)
-                        ready = unseen(batch[1], self._taken()) if batch else ready
+                        if batch is not None:
+                            ready, ready_on = unseen(batch[1], self._taken()), batch[0]
                     continue
                 waiting_on_proposer = proposer is not None and proposer.busy and pool.free()
                 poll = waiting_on_proposer or self._may_share(pool, looked)
@@ -231,6 +239,34 @@ class SearchRun:
             if proposer is not None:
                 proposer.close()
             bar.close()
+
+    def _next_point(self, ready: list[list[float]], ready_on: int) -> list[float] | None:
+        """What a freed worker runs next: the ready batch's first point, unless that batch
+        was chosen on a history more than MAX_LAG results old; then a point the
+        algorithm computes at once on the newest one comes first, if it has one
+        (AP-BMM: the midpoint across the front's largest gap, see ``immediate``).
+
+        When a refit takes as long as several evaluations (the tiny world), workers
+        kept busy from the ready batch run points chosen without the latest results:
+        measured on the default world, that cost AP-BMM about 0.02 of hypervolume
+        against the same algorithm run in synchronous batches. A point that needs no
+        refit keeps the worker busy and uses every result already in. Ready points
+        that repeat one handed out since are dropped (returns None if none is left).
+        """
+        taken = self._taken()
+        if len(self.Y) - ready_on > MAX_LAG:
+            dim = self.alg.dim
+            now = History(torch.tensor(self.X, dtype=torch.double).reshape(-1, dim),
+                          torch.tensor(self.Y, dtype=torch.double).reshape(-1, 2),
+                          torch.zeros(0, dim, dtype=torch.double))
+            fresh = unseen(self.alg.immediate(now), taken)
+            if fresh:
+                return fresh[0]
+        while ready:
+            x = ready.pop(0)
+            if unseen([x], taken):
+                return x
+        return None
 
     def _taken(self) -> list[list[float]]:
         """Every point finished or in flight (a proposal must not repeat one)."""
@@ -429,6 +465,7 @@ class SearchRun:
 
 
 SNAPSHOT = "status.json"
+MAX_LAG = 2   # results a ready batch may miss before a point computed on the spot goes first
 MAX_LOOKAHEAD = 3   # batches never plan more than this many rounds of the pool ahead
 
 
