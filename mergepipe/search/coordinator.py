@@ -30,13 +30,13 @@ from mergepipe.runs.apply import build_and_store
 from mergepipe.runs.recovery import recover
 from mergepipe.runs.transaction import abort_run, begin_run, commit_run, committed_result
 from mergepipe.search import trials
-from mergepipe.search.algorithms import Algorithm, History, make_algorithm
+from mergepipe.search.algorithms import Algorithm, make_algorithm
 from mergepipe.search.anchors import ensure_anchors, task_refs
 from mergepipe.search.config import SearchConfig
 from mergepipe.search.jobs import EvaluateJob, MergeEvaluateJob, stretch_factor
 from mergepipe.search.objectives import REF_POINT, Anchors, hypervolume, pareto_mask
 from mergepipe.search.prior_build import ensure_prior
-from mergepipe.search.proposer import Proposer, propose_points
+from mergepipe.search.proposer import Proposer, canonical_history, propose_points
 from mergepipe.search.rerank import unseen
 from mergepipe.search.report import session_of, summarise
 from mergepipe.search.resident import ResidentJob
@@ -255,10 +255,7 @@ class SearchRun:
         """
         taken = self._taken()
         if len(self.Y) - ready_on > MAX_LAG:
-            dim = self.alg.dim
-            now = History(torch.tensor(self.X, dtype=torch.double).reshape(-1, dim),
-                          torch.tensor(self.Y, dtype=torch.double).reshape(-1, 2),
-                          torch.zeros(0, dim, dtype=torch.double))
+            now = canonical_history(self.alg.dim, self.X, self.Y)
             fresh = unseen(self.alg.immediate(now), taken)
             if fresh:
                 return fresh[0]

@@ -21,22 +21,32 @@ from mergepipe.search.algorithms import Algorithm, History
 from mergepipe.search.rerank import unseen
 
 
+def canonical_history(dim: int, X: Sequence[Sequence[float]], Y: Sequence[Sequence[float]],
+                      pending: Sequence[Sequence[float]] = ()) -> History:
+    """The finished (X, Y) and the pending points as a :class:`History`, in one
+    canonical order, whatever order the results arrived in.
+
+    Results arrive in the order evaluations happen to finish, and a GP fit on
+    the same points in another order ends in other last bits, which the
+    acquisition's optimiser can carry across a step of the objectives (ties in
+    a nearest pair break by order too): a synchronous search would then depend
+    on which worker finished first, and a resumed search (which reads its
+    history in trial order) would not propose what the uninterrupted one did.
+    """
+    rows = sorted(zip(X, Y), key=lambda r: ([float(v) for v in r[0]], [float(v) for v in r[1]]))
+    return History(torch.tensor([r[0] for r in rows], dtype=torch.double).reshape(-1, dim),
+                   torch.tensor([r[1] for r in rows], dtype=torch.double).reshape(-1, 2),
+                   torch.tensor(sorted([float(v) for v in p] for p in pending),
+                                dtype=torch.double).reshape(-1, dim))
+
+
 def propose_points(alg: Algorithm, X: Sequence[Sequence[float]], Y: Sequence[Sequence[float]],
                    pending: Sequence[Sequence[float]], n: int, trial: int) -> list[list[float]]:
     """``n`` new points given finished (X, Y) and the pending points; never raises.
 
-    The history is put in one canonical order first. Results arrive in the order
-    evaluations happen to finish, and a GP fit on the same points in another
-    order ends in other last bits, which the acquisition's optimiser can carry
-    across a step of the objectives: a synchronous search would then depend on
-    which worker finished first, and a resumed search (which reads its history
-    in trial order) would not propose what the uninterrupted one did.
+    The history is put in one canonical order first (:func:`canonical_history`).
     """
-    rows = sorted(zip(X, Y), key=lambda r: ([float(v) for v in r[0]], [float(v) for v in r[1]]))
-    hist = History(torch.tensor([r[0] for r in rows], dtype=torch.double).reshape(-1, alg.dim),
-                   torch.tensor([r[1] for r in rows], dtype=torch.double).reshape(-1, 2),
-                   torch.tensor(sorted([float(v) for v in p] for p in pending),
-                                dtype=torch.double).reshape(-1, alg.dim))
+    hist = canonical_history(alg.dim, X, Y, pending)
     if hist.X.shape[0] < 2:  # nothing to model yet: continue the shared design
         return _continue_design(alg, hist, n, trial)
     try:
